@@ -1,0 +1,201 @@
+"""The aiohttp application: one server for webhooks, APIs, health and metrics."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.hub import Hub
+from bot.pipeline import Pipeline
+from bot.settings import Settings
+from bot.workqueue import InProcessQueue
+from channels.api.channel import ApiChannel
+from channels.base import Channel
+from channels.http import ApiError, error_response
+from orchestration.llm.registry import ModelRegistry
+from orchestration.llm.simulator import Simulator, SimulatorConfig
+from orchestration.orchestrator import Orchestrator
+from storage import db
+
+log = structlog.get_logger(__name__)
+
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    pipeline: Pipeline
+    models: ModelRegistry
+    simulator: Simulator | None
+    channels: dict[str, Channel]
+
+
+SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+SETTINGS = web.AppKey("settings", Settings)
+CHANNELS: web.AppKey[dict[str, Channel]] = web.AppKey("channels", dict)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def build_channels(settings: Settings) -> dict[str, Channel]:
+    channels: dict[str, Channel] = {}
+    api = settings.channels.api
+    if api.enabled:
+        key = os.environ.get(api.api_key_env)
+        if not key:
+            if not _loopback(settings.server.host):
+                raise RuntimeError(
+                    f"set {api.api_key_env} before serving the HTTP API on "
+                    f"{settings.server.host}: the development key works only on loopback"
+                )
+            key = api.dev_api_key
+            log.warning(
+                "api_dev_key",
+                detail=f"{api.api_key_env} is unset; the HTTP API "
+                f"accepts the development key '{key}' on loopback only",
+            )
+        channels[ApiChannel.name] = ApiChannel(api.account, [key])
+    return channels
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error a client can get is JSON: {"error": code, "detail": ...}."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return e.response()
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, "body_too_large", "the body is larger than the server accepts")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = e.reason.lower().replace(" ", "_")
+        return error_response(e.status, code, e.text or e.reason)
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    engine = db.create_engine(
+        settings.database.url, pool_size=settings.database.pool_size, echo=settings.database.echo
+    )
+    if settings.database.migrate_on_start:
+        await db.upgrade(engine)
+    simulator: Simulator | None = None
+    if settings.uses_simulator():
+        sim = settings.simulator
+        simulator = Simulator(
+            SimulatorConfig(
+                first_token_ms=sim.first_token_ms,
+                tokens_per_second=sim.tokens_per_second,
+                reply_tokens=sim.reply_tokens,
+            )
+        )
+        base_url = await simulator.start()
+        models = ModelRegistry.for_simulator(base_url, sim)
+        log.warning(
+            "model_simulator",
+            detail="no LLM key configured: answering with the built-in model simulator; set "
+            "a provider's api_key_env variable to use a real model",
+            url=base_url,
+        )
+    else:
+        models = ModelRegistry.from_settings(settings.live_providers(), settings.tiers)
+        log.info("models", tiers={t: [e.ref for e in models.chain(t)] for t in models.tiers})
+    channels: dict[str, Channel] = app[CHANNELS]
+    hub = Hub()
+    queue = InProcessQueue(settings.worker.max_concurrent_conversations)
+    pipeline = Pipeline(
+        db.session_factory(engine),
+        hub,
+        queue,
+        Orchestrator(models, settings.reply),
+        channels,
+        settings.reply,
+    )
+    queue.start(pipeline.handle)
+    for ch in channels.values():
+        ch.register(app, pipeline)
+        await ch.start()
+    services = Services(settings, engine, pipeline, models, simulator, channels)
+    app[SERVICES] = services
+    await pipeline.recover()
+    log.info(
+        "started",
+        database=engine.url.render_as_string(hide_password=True),
+        channels=sorted(channels),
+    )
+    yield
+    # Graceful stop: the listener is closed already; let in-flight answers finish.
+    finished = await queue.drain(settings.server.shutdown_grace_seconds)
+    if not finished:
+        log.warning("shutdown_grace_exceeded", detail="unfinished answers resume at next start")
+    for ch in channels.values():
+        await ch.close()
+    await models.aclose()
+    if simulator is not None:
+        await simulator.stop()
+    await engine.dispose()
+
+
+async def _close_streams(app: web.Application) -> None:
+    if SERVICES in app:
+        app[SERVICES].pipeline.hub.close_all()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    services = request.app.get(SERVICES)
+    if services is None:
+        return error_response(503, "starting", "the service is starting")
+    try:
+        async with services.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        current, heads = await db.migration_state(services.engine)
+    except Exception as e:
+        return error_response(503, "database_unreachable", str(e))
+    if current != heads:
+        return error_response(
+            503,
+            "migrations_pending",
+            f"database at {sorted(current)}, code at {sorted(heads)}; run 'swarmdesk db upgrade'",
+        )
+    return web.json_response({"status": "ready", "migration": sorted(current)})
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[json_errors])
+    app[SETTINGS] = settings
+    # Channel objects are built now (config errors surface before anything starts); they add
+    # their routes at start-up, once the pipeline exists: aiohttp freezes the router after
+    # the startup signals have run.
+    app[CHANNELS] = build_channels(settings)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    app.cleanup_ctx.append(_services)
+    app.on_shutdown.append(_close_streams)
+    return app

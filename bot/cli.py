@@ -1,0 +1,152 @@
+"""The `swarmdesk` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from importlib import resources
+
+from pydantic import ValidationError
+
+from bot import logging as logs
+from bot.settings import ConfigError, Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    from bot.config_check import explain
+
+    try:
+        return load_settings(args.config)
+    except (ConfigError, ValidationError) as e:
+        print(explain(e, args.config), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bot.server import serve
+
+    settings = _settings(args)
+    if args.host:
+        settings.server.host = args.host
+    if args.port is not None:
+        settings.server.port = args.port
+    logs.configure(settings.log.format, settings.log.level)
+    try:
+        asyncio.run(serve(settings))
+    except OSError as e:
+        print(
+            f"swarmdesk: cannot listen on {settings.server.host}:{settings.server.port}: {e}; "
+            "pick another with --port",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from storage import db
+
+    settings = _settings(args)
+    logs.configure(settings.log.format, settings.log.level)
+    if args.db_command == "upgrade":
+        db.upgrade_blocking(settings.database.url, args.revision)
+        print(f"database at {args.revision}: {settings.database.url}")
+        return 0
+
+    async def state() -> tuple[set[str], set[str]]:
+        engine = db.create_engine(settings.database.url)
+        try:
+            return await db.migration_state(engine)
+        finally:
+            await engine.dispose()
+
+    current, heads = asyncio.run(state())
+    print(f"database: {sorted(current) or 'empty'}; code head: {sorted(heads)}")
+    return 0 if current == heads else 1
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from bot.config_check import check
+
+    if args.config_command == "example":
+        text = resources.files("bot").joinpath("swarmdesk.example.yaml").read_text("utf-8")
+        sys.stdout.write(text)
+        return 0
+    ok, report = check(args.file or args.config)
+    print(report)
+    return 0 if ok else 1
+
+
+def cmd_simulator(args: argparse.Namespace) -> int:
+    from orchestration.llm.simulator import SimulatorConfig, run_standalone
+
+    logs.configure("auto", "info")
+    run_standalone(
+        args.host,
+        args.port,
+        SimulatorConfig(
+            first_token_ms=args.first_token_ms,
+            tokens_per_second=args.tps,
+            reply_tokens=args.reply_tokens,
+            fail_rate=args.fail_rate,
+            rate_limit_rate=args.rate_limit_rate,
+            hang_rate=args.hang_rate,
+            cut_rate=args.cut_rate,
+        ),
+    )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="swarmdesk", description="LLM customer service for WeChat, Telegram and your web site"
+    )
+    p.add_argument(
+        "--config",
+        "-c",
+        help="YAML config file (default: $SWARMDESK_CONFIG, "
+        "else ./swarmdesk.yaml if present, else built-in defaults)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the service")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("db", help="database migrations")
+    dsub = d.add_subparsers(dest="db_command", required=True)
+    up = dsub.add_parser("upgrade", help="apply migrations (done at start too)")
+    up.add_argument("revision", nargs="?", default="head")
+    dsub.add_parser("current", help="show the applied and the latest revision")
+    d.set_defaults(func=cmd_db)
+
+    c = sub.add_parser("config", help="check or start a config file")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    ck = csub.add_parser("check", help="validate a config file and explain every mistake")
+    ck.add_argument("file", nargs="?")
+    csub.add_parser("example", help="print a commented example config")
+    c.set_defaults(func=cmd_config)
+
+    m = sub.add_parser("simulator", help="run the OpenAI-compatible model simulator")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=8090)
+    m.add_argument("--first-token-ms", type=float, default=300)
+    m.add_argument("--tps", type=float, default=50, help="tokens per second")
+    m.add_argument("--reply-tokens", type=int, default=40)
+    m.add_argument("--fail-rate", type=float, default=0.0, help="share of 500 answers")
+    m.add_argument("--rate-limit-rate", type=float, default=0.0, help="share of 429 answers")
+    m.add_argument("--hang-rate", type=float, default=0.0, help="share of calls that hang")
+    m.add_argument("--cut-rate", type=float, default=0.0, help="share of streams cut mid-way")
+    m.set_defaults(func=cmd_simulator)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

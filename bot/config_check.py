@@ -1,0 +1,91 @@
+"""`swarmdesk config check`: validate a config file and say how to fix each mistake."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from bot.settings import ConfigError, Settings, config_path, load_settings
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at `loc` (to suggest the key meant)."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        model = inner[0] if inner else ann
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def explain(error: ValidationError | ConfigError, path: str | os.PathLike[str] | None) -> str:
+    where = str(config_path(path) or "built-in defaults")
+    if isinstance(error, ConfigError):
+        return f"config error: {error}"
+    lines = [f"{where}: {error.error_count()} problem(s)"]
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            key = str(loc[-1])
+            hint = ""
+            if owner is not None:
+                close = difflib.get_close_matches(key, list(owner.model_fields), n=1)
+                allowed = ", ".join(owner.model_fields)
+                hint = f" - did you mean '{close[0]}'?" if close else f" (allowed: {allowed})"
+            msg = f"unknown key{hint}"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
+            msg = f"{msg} (got {err['input']!r})"
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"  - {_loc(loc)}: {msg}")
+    return "\n".join(lines)
+
+
+def check(path: str | os.PathLike[str] | None) -> tuple[bool, str]:
+    p = config_path(path)
+    if path and not Path(path).exists():
+        return False, f"config error: {path}: file not found"
+    try:
+        settings = load_settings(path)
+    except (ConfigError, ValidationError) as e:
+        return False, explain(e, path)
+    notes = [f"{p or 'built-in defaults'}: OK"]
+    for prov in settings.providers:
+        if prov.api_key_env and not os.environ.get(prov.api_key_env):
+            notes.append(
+                f"  note: providers[{prov.name}]: {prov.api_key_env} is not set; "
+                "this provider is skipped until it is"
+            )
+    if settings.uses_simulator():
+        notes.append("  note: no provider has a key: replies come from the built-in simulator")
+    elif "cheap" not in settings.tiers:
+        return False, f"{p}: tiers.cheap is missing: name the models that answer by default"
+    api = settings.channels.api
+    if api.enabled and not os.environ.get(api.api_key_env):
+        notes.append(
+            f"  note: channels.api: {api.api_key_env} is not set; only the development key "
+            "works, and only on a loopback address"
+        )
+    return True, "\n".join(notes)

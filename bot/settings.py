@@ -1,0 +1,186 @@
+"""swarmdesk configuration: one YAML file, overridden by SWARMDESK_* environment variables.
+
+Secrets never live in the YAML file: a provider names the environment variable holding its key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from orchestration.config import (
+    SIMULATOR_PROVIDER,
+    ProviderSettings,
+    ReplySettings,
+    SimulatorSettings,
+    _Section,
+)
+
+DEFAULT_CONFIG_FILE = "swarmdesk.yaml"
+CONFIG_ENV = "SWARMDESK_CONFIG"
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(64 * 1024, gt=0, description="largest accepted request body")
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
+    public_url: str | None = Field(None, description="URL the platforms reach us at")
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite+aiosqlite:///./swarmdesk.db"
+    migrate_on_start: bool = True
+    pool_size: int = Field(10, ge=1)
+    echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _async_driver(cls, v: str) -> str:
+        if v.startswith(("sqlite:", "postgresql:", "postgres:")) or v.startswith(
+            "postgresql+psycopg"
+        ):
+            raise ValueError(
+                "use an async driver: 'sqlite+aiosqlite:///path.db' or "
+                "'postgresql+asyncpg://user@host/db'"
+            )
+        if not v.startswith(("sqlite+aiosqlite:", "postgresql+asyncpg:")):
+            raise ValueError(
+                "unsupported database; use 'sqlite+aiosqlite:///path.db' or "
+                "'postgresql+asyncpg://user@host/db'"
+            )
+        return v
+
+
+class ApiChannelSettings(_Section):
+    enabled: bool = True
+    account: str = "default"
+    api_key_env: str = "SWARMDESK_API_KEY"
+    dev_api_key: str = Field(
+        "dev-key", description="accepted only when the key variable is unset and host is loopback"
+    )
+
+
+class ChannelsSettings(_Section):
+    api: ApiChannelSettings = Field(default_factory=ApiChannelSettings)
+
+
+class LogSettings(_Section):
+    format: Literal["auto", "console", "json"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class WorkerSettings(_Section):
+    max_concurrent_conversations: int = Field(256, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything swarmdesk reads at start. Load with `load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SWARMDESK_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    providers: list[ProviderSettings] = Field(default_factory=list)
+    tiers: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="tier name -> chain of 'provider/model', tried in order",
+    )
+    simulator: SimulatorSettings = Field(default_factory=SimulatorSettings)
+    reply: ReplySettings = Field(default_factory=ReplySettings)
+    channels: ChannelsSettings = Field(default_factory=ChannelsSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; environment variables win over it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Settings:
+        names = [p.name for p in self.providers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"providers: duplicate provider name(s) {dupes}; names must be unique")
+        if SIMULATOR_PROVIDER in names:
+            raise ValueError(f"providers: the name '{SIMULATOR_PROVIDER}' is reserved")
+        known = {f"{p.name}/{m.name}" for p in self.providers for m in p.models}
+        for tier, chain in self.tiers.items():
+            if not chain:
+                raise ValueError(f"tiers.{tier}: the chain is empty; list at least one model")
+            for i, ref in enumerate(chain):
+                if ref not in known:
+                    hint = ", ".join(sorted(known)) or "none: add a provider first"
+                    raise ValueError(
+                        f"tiers.{tier}[{i}]: '{ref}' is not a configured 'provider/model' "
+                        f"(known: {hint})"
+                    )
+        return self
+
+    def live_providers(self) -> list[ProviderSettings]:
+        """Providers whose key is present (or that need none, like a local vLLM)."""
+        return [p for p in self.providers if p.api_key_env is None or p.api_key()]
+
+    def uses_simulator(self) -> bool:
+        return not self.live_providers()
+
+
+class ConfigError(Exception):
+    """A configuration file that can't be used; the message says what to fix."""
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The YAML file to read: --config, else $SWARMDESK_CONFIG, else ./swarmdesk.yaml if present."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.exists() else None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"{path}: file not found (run 'swarmdesk config example > {path}' to start one)"
+        ) from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (server:, ...)")
+    return data
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read the YAML file (if any), apply environment overrides and validate.
+
+    Raises pydantic.ValidationError or ConfigError; `bot.config_check` turns both into advice.
+    """
+    p = config_path(path)
+    data = read_yaml(p) if p else {}
+    data.update(overrides)
+    return Settings(**data)

@@ -1,0 +1,240 @@
+"""Contracts between swarmdesk's pipeline and the channel adapters (DESIGN.md, Contracts).
+
+A channel turns platform webhooks into `InboundMessage`s and hands them to its `ChannelHost`
+(implemented by the bot); it turns reply streams into what its platform allows through a
+`ReplySink`. A channel knows nothing about models.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from aiohttp import web
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    channel: str
+    account: str
+    chat_id: str  # where replies go (a private chat, a group, a widget session...)
+    user_id: str  # who wrote it, on the platform
+    external_id: str | None  # the platform's message id: the idempotency key
+    kind: str = "text"  # text, image, voice, sticker, event, ...
+    text: str = ""
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    sent_at: datetime | None = None
+    raw: dict[str, Any] | None = None
+    user_name: str | None = None
+    conversation_id: int | None = None  # a channel that lets the client pick one (HTTP API)
+    answer: bool = True  # False: store only (an edit, an event with nothing to say)
+
+
+class UnknownConversation(LookupError):
+    """The client named a conversation that does not exist or is not theirs."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    message_id: int
+    conversation_id: int
+    contact_id: int
+    seq: int
+    duplicate: bool  # a redelivery: stored before, nothing new will happen
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationRef:
+    id: int
+    channel: str
+    account: str
+    chat_id: str
+    contact_id: int
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as a channel may show or replay it."""
+
+    id: int
+    conversation_id: int
+    seq: int
+    direction: str
+    sender: str
+    kind: str
+    text: str
+    status: str
+    created_at: datetime
+    reply_to_id: int | None = None
+    attachments: list[Any] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "conversation_id": self.conversation_id,
+            "seq": self.seq,
+            "direction": self.direction,
+            "sender": self.sender,
+            "kind": self.kind,
+            "text": self.text,
+            "status": self.status,
+            "reply_to_id": self.reply_to_id,
+            "attachments": self.attachments,
+            "created_at": self.created_at.isoformat(),
+        }
+
+    def event(self) -> ConversationEvent:
+        """The durable event that replays this message on a live stream."""
+        kind: EventType
+        if self.status == "abandoned":
+            kind = "error"  # a cut answer: clients drop its partial text
+        elif self.sender == "bot":
+            kind = "final"
+        else:
+            kind = "message"
+        return ConversationEvent(self.conversation_id, kind, self.seq, None, self.as_json())
+
+
+EventType = Literal["message", "delta", "final", "error", "typing"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationEvent:
+    """One event on a conversation's live stream.
+
+    Durable events (message, final, error) carry the seq of a stored message. A delta carries
+    the seq reserved for the answer it belongs to and its index within that answer.
+    """
+
+    conversation_id: int
+    type: EventType
+    seq: int
+    index: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def durable(self) -> bool:
+        return self.type in ("message", "final", "error")
+
+
+class Subscription(Protocol):
+    def __aiter__(self) -> AsyncIterator[ConversationEvent]: ...
+
+    async def get(self, timeout: float | None = None) -> ConversationEvent | None:
+        """The next event, None on timeout; raises EOFError when the bus closed the stream."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class EventBus(Protocol):
+    """Live events of conversations, for channels that hold client connections."""
+
+    def subscribe(self, conversation_id: int) -> Subscription: ...
+
+    def inflight(self, conversation_id: int) -> tuple[int, list[str]] | None:
+        """(seq, deltas so far) of the answer being streamed right now, if any."""
+        ...
+
+
+class ChannelHost(Protocol):
+    """What the pipeline offers a channel (implemented in bot/)."""
+
+    @property
+    def events(self) -> EventBus: ...
+
+    async def ingest(self, message: InboundMessage) -> IngestResult: ...
+
+    async def get_conversation(self, conversation_id: int) -> ConversationRef | None: ...
+
+    async def list_messages(
+        self,
+        conversation_id: int,
+        *,
+        after_seq: int | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
+        complete_only: bool = False,
+    ) -> Sequence[StoredMessage]: ...
+
+    async def resume_point(self, conversation_id: int) -> int:
+        """Highest seq below which every message is complete (nothing still streaming)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    max_length: int = 0  # 0: no limit
+    length_unit: Literal["chars", "bytes"] = "chars"
+    can_edit: bool = False
+    native_drafts: bool = False
+    typing: bool = False
+
+
+@dataclass(slots=True)
+class Delivery:
+    """What the platform said about a sent message."""
+
+    platform_message_ids: list[str] = field(default_factory=list)
+    ok: bool = True
+    undeliverable: bool = False  # the platform refuses for good (closed window, blocked bot)
+    detail: str = ""
+
+
+class ReplySink(abc.ABC):
+    """Turns one reply stream into platform calls. Owns throttling, splitting and retries."""
+
+    async def typing(self) -> None:  # noqa: B027 - optional for channels without typing
+        """Show that the bot is working (before the first delta)."""
+
+    @abc.abstractmethod
+    async def push(self, delta: str) -> None:
+        """A piece of text; the sink decides when the shopper sees it."""
+
+    @abc.abstractmethod
+    async def finish(self, final_text: str) -> Delivery:
+        """The whole answer; must reach the shopper exactly as given."""
+
+    @abc.abstractmethod
+    async def fail(self, reason: str) -> None:
+        """The stream is abandoned; clean up any partial state on the platform."""
+
+
+class NullSink(ReplySink):
+    """For channels whose clients read the event bus (HTTP API): nothing else to do."""
+
+    async def push(self, delta: str) -> None:
+        return None
+
+    async def finish(self, final_text: str) -> Delivery:
+        return Delivery()
+
+    async def fail(self, reason: str) -> None:
+        return None
+
+
+class Channel(abc.ABC):
+    name: str
+    capabilities: Capabilities = Capabilities()
+
+    @abc.abstractmethod
+    def register(self, app: web.Application, host: ChannelHost) -> None:
+        """Add the channel's webhook routes to the app."""
+
+    @abc.abstractmethod
+    def open_reply(self, conversation: ConversationRef) -> ReplySink:
+        """A sink for one bot answer in this conversation."""
+
+    @abc.abstractmethod
+    async def send(self, conversation: ConversationRef, text: str, *, sender: str) -> Delivery:
+        """A complete message from a human agent or the system."""
+
+    async def start(self) -> None:  # noqa: B027 - most channels need no start-up work
+        """Open clients, refresh tokens..."""
+
+    async def close(self) -> None:  # noqa: B027
+        """Close clients."""

@@ -1,0 +1,86 @@
+"""`swarmdesk config check` explains mistakes; the shipped example is valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_example_config_is_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = run(capsys, "config", "example")
+    assert code == 0 and "providers:" in text
+    f = tmp_path / "swarmdesk.yaml"
+    f.write_text(text)
+    code, report = run(capsys, "config", "check", str(f))
+    assert code == 0, report
+    assert "OK" in report
+    assert "DEEPSEEK_API_KEY is not set" in report
+
+
+def test_mistakes_are_explained_with_their_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(
+        """
+server:
+  portt: 8080
+database:
+  url: postgresql://localhost/shop
+providers:
+  - name: ds
+    base_url: api.deepseek.com
+    models:
+      - name: deepseek-chat
+        input_price_per_mtok: cheap
+tiers:
+  cheap: [ds/deepseek-chat]
+"""
+    )
+    code, report = run(capsys, "config", "check", str(f))
+    assert code == 1
+    assert "server.portt: unknown key - did you mean 'port'?" in report
+    assert "database.url: use an async driver" in report
+    assert "providers[0].base_url: base_url must start with http://" in report
+    assert "providers[0].models[0].input_price_per_mtok" in report and "'cheap'" in report
+
+
+def test_tier_naming_an_unknown_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "tiers.yaml"
+    f.write_text(
+        "providers:\n  - {name: ds, base_url: 'http://x/v1', models: [{name: m1}]}\n"
+        "tiers:\n  cheap: [ds/m2]\n"
+    )
+    code, report = run(capsys, "config", "check", str(f))
+    assert code == 1
+    assert "tiers.cheap[0]: 'ds/m2' is not a configured 'provider/model' (known: ds/m1)" in report
+
+
+def test_broken_yaml_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "broken.yaml"
+    f.write_text("server:\n  port: 8080\n   host: x\n")
+    code, report = run(capsys, "config", "check", str(f))
+    assert code == 1 and "not valid YAML at line 3" in report
+
+
+def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, report = run(capsys, "config", "check", str(tmp_path / "nope.yaml"))
+    assert code == 1 and "file not found" in report
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.settings import load_settings
+
+    f = tmp_path / "s.yaml"
+    f.write_text("server: {port: 8080}\n")
+    monkeypatch.setenv("SWARMDESK_SERVER__PORT", "9191")
+    assert load_settings(f).server.port == 9191
