@@ -17,6 +17,7 @@ from bot.hub import Hub
 from bot.pipeline import Pipeline
 from bot.settings import Settings
 from bot.workqueue import InProcessQueue
+from channels import telegram, wechat, widget
 from channels.api.channel import ApiChannel
 from channels.base import Channel
 from channels.http import ApiError, error_response
@@ -26,7 +27,6 @@ from orchestration.orchestrator import Orchestrator
 from storage import db
 
 log = structlog.get_logger(__name__)
-
 
 
 @dataclass
@@ -69,6 +69,12 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
                 f"accepts the development key '{key}' on loopback only",
             )
         channels[ApiChannel.name] = ApiChannel(api.account, [key])
+    for ch in (
+        *telegram.build(settings.channels.telegram),
+        *wechat.build(settings.channels.wechat),
+        *widget.build(settings.channels.widget),
+    ):
+        channels[ch.name] = ch
     return channels
 
 

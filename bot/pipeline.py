@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -69,6 +69,10 @@ def stored(m: Message) -> StoredMessage:
         created_at=m.created_at,
         reply_to_id=m.reply_to_id,
         attachments=list(m.attachments or []),
+        external_id=m.external_id,
+        agent_id=m.agent_id,
+        platform_message_ids=list(m.platform_message_ids or []),
+        raw=m.raw,
     )
 
 
@@ -243,12 +247,13 @@ class Pipeline:
                 reply_to_id=inbound.id,
             )
             conv_ref = ref(conv)
+            inbound_view = stored(inbound)
             info = ConversationInfo(conv.id, conv.channel, conv.tier)
             question = Turn("user", inbound.text)
             out_id, seq = out.id, out.seq
 
         channel = self.channels[conv_ref.channel]
-        sink = channel.open_reply(conv_ref)
+        sink = channel.open_reply(conv_ref, inbound_view)
         started = time.monotonic()
         metrics.IN_FLIGHT.inc()
         try:
@@ -354,17 +359,6 @@ class Pipeline:
                 out.routing = final.routing or None
                 out.completed_at = utcnow()
                 inbound.status = MessageStatus.ANSWERED.value
-                if reply.escalate is not None:
-                    s.add(
-                        HandoffEvent(
-                            conversation_id=conv.id,
-                            from_owner=conv.owner,
-                            to_owner=Owner.HANDOFF_REQUESTED.value,
-                            reason=reply.escalate.reason,
-                            card={"detail": reply.escalate.detail},
-                        )
-                    )
-                    conv.owner = Owner.HANDOFF_REQUESTED.value
             final_msg = stored(out)
         for c in calls:
             metrics.LLM_CALLS.labels(c.provider, c.model, c.outcome).inc()
@@ -376,12 +370,14 @@ class Pipeline:
             await sink.fail("human took over")
             metrics.REPLIES.labels(conv_ref.channel, "abandoned").inc()
             return
+        if reply.escalate is not None:
+            await self.request_handoff(conv_ref.id, reply.escalate.reason, reply.escalate.detail)
         self.hub.publish(final_msg.event())
         metrics.REPLY_TIME.labels(conv_ref.channel).observe(time.monotonic() - started)
         metrics.REPLIES.labels(conv_ref.channel, "degraded" if final.degraded else "model").inc()
         await self._deliver(out_id, lambda: sink.finish(final.text))
 
-    async def _deliver(self, out_id: int, send: Any) -> None:
+    async def _deliver(self, out_id: int, send: Any) -> Delivery:
         """Hand the final text to the channel and record what the platform said."""
         try:
             delivery: Delivery = await send()
@@ -398,6 +394,85 @@ class Pipeline:
             else:
                 out.status = MessageStatus.FAILED.value
             out.platform_message_ids = delivery.platform_message_ids
+            conversation_id = out.conversation_id
+        if delivery.undeliverable:
+            # The platform will not take it (e.g. WeChat's 48-hour window): a person follows up.
+            await self.request_handoff(conversation_id, "undeliverable", delivery.detail)
+        return delivery
+
+    async def send_message(
+        self,
+        conversation_id: int,
+        text: str,
+        *,
+        sender: str = "system",
+        agent_id: int | None = None,
+    ) -> StoredMessage:
+        async with self.sessions() as s, s.begin():
+            conv = await repo.get_conversation(s, conversation_id)
+            if conv is None:
+                raise UnknownConversation(conversation_id)
+            m = await repo.add_message(
+                s,
+                conv,
+                direction=Direction.OUT,
+                sender=Sender(sender),
+                status=MessageStatus.PENDING,
+                text=text,
+                agent_id=agent_id,
+            )
+            m.completed_at = utcnow()
+            conv_ref, view = ref(conv), stored(m)
+        self.hub.publish(view.event())
+        channel = self.channels[conv_ref.channel]
+        delivery = await self._deliver(view.id, lambda: channel.send(conv_ref, text, sender=sender))
+        status = (
+            MessageStatus.SENT
+            if delivery.ok
+            else MessageStatus.UNDELIVERABLE
+            if delivery.undeliverable
+            else MessageStatus.FAILED
+        )
+        return replace(
+            view, status=status.value, platform_message_ids=delivery.platform_message_ids
+        )
+
+    async def request_handoff(self, conversation_id: int, reason: str, detail: str = "") -> bool:
+        async with self.sessions() as s, s.begin():
+            conv = await repo.get_conversation(s, conversation_id)
+            if conv is None or conv.owner != Owner.BOT.value:
+                return False
+            s.add(
+                HandoffEvent(
+                    conversation_id=conv.id,
+                    from_owner=conv.owner,
+                    to_owner=Owner.HANDOFF_REQUESTED.value,
+                    reason=reason,
+                    card={"detail": detail} if detail else None,
+                )
+            )
+            conv.owner = Owner.HANDOFF_REQUESTED.value
+        log.info("handoff_requested", conversation_id=conversation_id, reason=reason)
+        return True
+
+    async def record_edit(self, channel: str, account: str, external_id: str, text: str) -> bool:
+        async with self.sessions() as s, s.begin():
+            m = await repo.find_by_external_id(s, channel, account, external_id)
+            if m is None:
+                return False
+            raw = dict(m.raw or {})
+            raw.setdefault("edits", []).append(
+                {"previous_text": m.text, "at": utcnow().isoformat()}
+            )
+            m.raw = raw
+            m.text = text
+            view = stored(m)
+        self.hub.publish(
+            ConversationEvent(
+                view.conversation_id, "message", view.seq, None, {**view.as_json(), "edited": True}
+            )
+        )
+        return True
 
     # -- recovery ----------------------------------------------------------------------------
 

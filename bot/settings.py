@@ -13,6 +13,9 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from channels.telegram.config import TelegramSettings
+from channels.wechat.config import WechatSettings
+from channels.widget.config import WidgetSettings
 from orchestration.config import (
     SIMULATOR_PROVIDER,
     ProviderSettings,
@@ -68,6 +71,9 @@ class ApiChannelSettings(_Section):
 
 class ChannelsSettings(_Section):
     api: ApiChannelSettings = Field(default_factory=ApiChannelSettings)
+    telegram: TelegramSettings = Field(default_factory=TelegramSettings)
+    wechat: WechatSettings = Field(default_factory=WechatSettings)
+    widget: WidgetSettings = Field(default_factory=WidgetSettings)
 
 
 class LogSettings(_Section):

@@ -71,6 +71,10 @@ class StoredMessage:
     created_at: datetime
     reply_to_id: int | None = None
     attachments: list[Any] = field(default_factory=list)
+    external_id: str | None = None
+    agent_id: int | None = None
+    platform_message_ids: list[Any] = field(default_factory=list)
+    raw: dict[str, Any] | None = None  # the platform payload (not shown to clients)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -165,6 +169,28 @@ class ChannelHost(Protocol):
         """Highest seq below which every message is complete (nothing still streaming)."""
         ...
 
+    async def send_message(
+        self,
+        conversation_id: int,
+        text: str,
+        *,
+        sender: str = "system",
+        agent_id: int | None = None,
+    ) -> StoredMessage:
+        """Store a message from the system or a human agent and deliver it via its channel
+        (welcome texts, "I can't read voice messages yet", an agent's answer)."""
+        ...
+
+    async def request_handoff(self, conversation_id: int, reason: str, detail: str = "") -> bool:
+        """Ask for a person (the shopper typed /human, a platform refuses delivery...).
+        False if a person owns or was already asked for the conversation."""
+        ...
+
+    async def record_edit(self, channel: str, account: str, external_id: str, text: str) -> bool:
+        """The shopper edited an earlier message: update its stored text (no new answer).
+        False if the original is unknown."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
@@ -226,8 +252,8 @@ class Channel(abc.ABC):
         """Add the channel's webhook routes to the app."""
 
     @abc.abstractmethod
-    def open_reply(self, conversation: ConversationRef) -> ReplySink:
-        """A sink for one bot answer in this conversation."""
+    def open_reply(self, conversation: ConversationRef, inbound: StoredMessage) -> ReplySink:
+        """A sink for the bot's answer to `inbound` in this conversation."""
 
     @abc.abstractmethod
     async def send(self, conversation: ConversationRef, text: str, *, sender: str) -> Delivery:

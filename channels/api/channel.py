@@ -23,6 +23,7 @@ from channels.base import (
     InboundMessage,
     NullSink,
     ReplySink,
+    StoredMessage,
     UnknownConversation,
 )
 from channels.http import ApiError, read_json
@@ -47,7 +48,7 @@ class ApiChannel(Channel):
         app.router.add_get("/api/v1/conversations/{id}/stream", self.stream)
         app.router.add_get("/api/v1/conversations/{id}/messages", self.messages)
 
-    def open_reply(self, conversation: ConversationRef) -> ReplySink:
+    def open_reply(self, conversation: ConversationRef, inbound: StoredMessage) -> ReplySink:
         # Clients read deltas and finals from the event bus; nothing to push elsewhere.
         return NullSink()
 

@@ -1,0 +1,13 @@
+"""The widget channel."""
+
+from __future__ import annotations
+
+from channels.base import Channel
+from channels.widget.config import WidgetSettings
+
+
+def build(settings: WidgetSettings) -> list[Channel]:
+    """The channel objects this config section asks for (none while disabled)."""
+    if not settings.enabled:
+        return []
+    raise NotImplementedError("the widget channel is not built yet")
