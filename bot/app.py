@@ -6,13 +6,15 @@ import ipaddress
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.demo_shop import build_demo_shop_app
 from bot.hub import Hub
 from bot.pipeline import Pipeline
 from bot.settings import Settings
@@ -24,7 +26,12 @@ from channels.http import ApiError, error_response
 from orchestration.llm.registry import ModelRegistry
 from orchestration.llm.simulator import Simulator, SimulatorConfig
 from orchestration.orchestrator import Orchestrator
+from orchestration.resilience import Guards
+from orchestration.routing import Router, registry_classifier
+from orchestration.runner import ModelRunner
+from orchestration.tools import ToolRunner
 from storage import db
+from storage.models import LLMCall
 
 log = structlog.get_logger(__name__)
 
@@ -37,11 +44,38 @@ class Services:
     models: ModelRegistry
     simulator: Simulator | None
     channels: dict[str, Channel]
+    tools: ToolRunner
+
+    def listening_on(self, base_url: str) -> None:
+        """The service's own address, once bound: relative tool URLs (the demo shop) use it."""
+        self.tools.base_url = base_url
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
 SETTINGS = web.AppKey("settings", Settings)
 CHANNELS: web.AppKey[dict[str, Channel]] = web.AppKey("channels", dict)
+
+
+def _own_url(settings: Settings) -> str | None:
+    """This service's address as seen from itself (known now unless the port is 0)."""
+    port = settings.server.port
+    if not port:
+        return None
+    host = settings.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
+async def _spent_today(engine: AsyncEngine) -> tuple[date, float]:
+    """Today's model spend from the ledger, so a restart doesn't reset the day's budget."""
+    today = datetime.now(UTC).date()
+    start = datetime(today.year, today.month, today.day, tzinfo=UTC)
+    async with engine.connect() as conn:
+        total = await conn.scalar(
+            select(func.coalesce(func.sum(LLMCall.cost), 0.0)).where(LLMCall.created_at >= start)
+        )
+    return today, float(total or 0.0)
 
 
 def _loopback(host: str) -> bool:
@@ -125,13 +159,24 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         models = ModelRegistry.from_settings(settings.live_providers(), settings.tiers)
         log.info("models", tiers={t: [e.ref for e in models.chain(t)] for t in models.tiers})
     channels: dict[str, Channel] = app[CHANNELS]
+    tools = ToolRunner(settings.tools, base_url=_own_url(settings))
+    orchestrator = Orchestrator(
+        ModelRunner(models, Guards(settings.resilience), settings.resilience),
+        Router(settings.routing),
+        settings.specialists,
+        tools,
+        settings.reply,
+        settings.budgets,
+        classifier=registry_classifier(models),
+    )
+    orchestrator.budgets.seed(*await _spent_today(engine))
     hub = Hub()
     queue = InProcessQueue(settings.worker.max_concurrent_conversations)
     pipeline = Pipeline(
         db.session_factory(engine),
         hub,
         queue,
-        Orchestrator(models, settings.reply),
+        orchestrator,
         channels,
         settings.reply,
     )
@@ -139,7 +184,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     for ch in channels.values():
         ch.register(app, pipeline)
         await ch.start()
-    services = Services(settings, engine, pipeline, models, simulator, channels)
+    services = Services(settings, engine, pipeline, models, simulator, channels, tools)
     app[SERVICES] = services
     await pipeline.recover()
     log.info(
@@ -154,6 +199,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         log.warning("shutdown_grace_exceeded", detail="unfinished answers resume at next start")
     for ch in channels.values():
         await ch.close()
+    await tools.aclose()
     await models.aclose()
     if simulator is not None:
         await simulator.stop()
@@ -202,6 +248,8 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    if settings.demo_shop.enabled:
+        app.add_subapp("/demo-shop", build_demo_shop_app(settings.server.max_body_bytes))
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_close_streams)
     return app

@@ -11,6 +11,8 @@ from pydantic import ValidationError
 
 from bot import logging as logs
 from bot.settings import ConfigError, Settings, load_settings
+from channels.telegram.cli import register_cli as register_telegram_cli
+from orchestration.routing.cli import register_cli as register_routing_cli
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -78,6 +80,19 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_costs(args: argparse.Namespace) -> int:
+    from bot.costs import report, table
+
+    settings = _settings(args)
+    rows = report(settings.database.url, args.since, args.until)
+    print(
+        f"model spend since {args.since:%Y-%m-%d %H:%M} UTC"
+        + (f" until {args.until:%Y-%m-%d %H:%M} UTC" if args.until else "")
+    )
+    print(table(rows))
+    return 0
+
+
 def cmd_simulator(args: argparse.Namespace) -> int:
     from orchestration.llm.simulator import SimulatorConfig, run_standalone
 
@@ -129,6 +144,18 @@ def parser() -> argparse.ArgumentParser:
     csub.add_parser("example", help="print a commented example config")
     c.set_defaults(func=cmd_config)
 
+    from bot.costs import parse_when
+
+    k = sub.add_parser("costs", help="the cost ledger by tier, model and intent")
+    k.add_argument(
+        "--since",
+        type=parse_when,
+        default=parse_when("1d"),
+        help="2026-11-20, 2026-11-20T08:00, or 24h / 7d back (default: 1d)",
+    )
+    k.add_argument("--until", type=parse_when, default=None)
+    k.set_defaults(func=cmd_costs)
+
     m = sub.add_parser("simulator", help="run the OpenAI-compatible model simulator")
     m.add_argument("--host", default="127.0.0.1")
     m.add_argument("--port", type=int, default=8090)
@@ -140,6 +167,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--hang-rate", type=float, default=0.0, help="share of calls that hang")
     m.add_argument("--cut-rate", type=float, default=0.0, help="share of streams cut mid-way")
     m.set_defaults(func=cmd_simulator)
+    register_routing_cli(sub)
+    register_telegram_cli(sub, load_settings=_settings, serve=cmd_serve)
     return p
 
 

@@ -59,7 +59,8 @@ def explain(error: ValidationError | ConfigError, path: str | os.PathLike[str] |
         elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
             msg = f"{msg} (got {err['input']!r})"
         msg = msg.removeprefix("Value error, ")
-        lines.append(f"  - {_loc(loc)}: {msg}")
+        # Cross-reference checks name their own path ("tiers.cheap[0]: ...").
+        lines.append(f"  - {msg}" if not loc else f"  - {_loc(loc)}: {msg}")
     return "\n".join(lines)
 
 

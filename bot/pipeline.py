@@ -36,6 +36,7 @@ from orchestration.events import CallRecord, ConversationInfo, Delta, Escalate, 
 from orchestration.orchestrator import Orchestrator
 from storage import repository as repo
 from storage.models import (
+    Contact,
     Conversation,
     Direction,
     HandoffEvent,
@@ -148,6 +149,12 @@ class Pipeline:
                 contact = await repo.get_or_create_contact(
                     s, message.channel, message.account, message.user_id, message.user_name
                 )
+                if message.contact_attributes:
+                    # The latest says who the contact is now (e.g. verified or anonymous).
+                    contact.attributes = {
+                        **(contact.attributes or {}),
+                        **message.contact_attributes,
+                    }
                 if message.conversation_id is not None:
                     conv = await repo.get_conversation(s, message.conversation_id)
                     if conv is None or conv.contact_id != contact.id:
@@ -248,7 +255,19 @@ class Pipeline:
             )
             conv_ref = ref(conv)
             inbound_view = stored(inbound)
-            info = ConversationInfo(conv.id, conv.channel, conv.tier)
+            contact = await s.get(Contact, conv.contact_id)
+            info = ConversationInfo(
+                conv.id,
+                conv.channel,
+                conv.tier,
+                spent=conv.cost_total or 0.0,
+                verified=_verified(conv.channel, contact),
+                degraded_answers=sum(
+                    1
+                    for m in past
+                    if m.sender == Sender.BOT.value and (m.routing or {}).get("degraded")
+                ),
+            )
             question = Turn("user", inbound.text)
             out_id, seq = out.id, out.seq
 
@@ -336,6 +355,7 @@ class Pipeline:
                 repo.add_llm_call(
                     s, conversation_id=conv.id, message_id=inbound_id, **_call_fields(c)
                 )
+            conv.cost_total = (conv.cost_total or 0.0) + sum(c.cost for c in calls)
             if conv.owner != Owner.BOT.value:
                 # A human took over while the bot was writing: never talk over them.
                 out.status = MessageStatus.ABANDONED.value
@@ -357,6 +377,9 @@ class Pipeline:
                 )
                 out.latency_ms = round((time.monotonic() - started) * 1000, 2)
                 out.routing = final.routing or None
+                inbound.routing = final.routing or None
+                if final.tier:
+                    conv.tier = final.tier  # sticky: routing starts from it next turn
                 out.completed_at = utcnow()
                 inbound.status = MessageStatus.ANSWERED.value
             final_msg = stored(out)
@@ -371,7 +394,9 @@ class Pipeline:
             metrics.REPLIES.labels(conv_ref.channel, "abandoned").inc()
             return
         if reply.escalate is not None:
-            await self.request_handoff(conv_ref.id, reply.escalate.reason, reply.escalate.detail)
+            await self.request_handoff(
+                conv_ref.id, reply.escalate.reason, reply.escalate.detail, reply.escalate.card
+            )
         self.hub.publish(final_msg.event())
         metrics.REPLY_TIME.labels(conv_ref.channel).observe(time.monotonic() - started)
         metrics.REPLIES.labels(conv_ref.channel, "degraded" if final.degraded else "model").inc()
@@ -437,7 +462,13 @@ class Pipeline:
             view, status=status.value, platform_message_ids=delivery.platform_message_ids
         )
 
-    async def request_handoff(self, conversation_id: int, reason: str, detail: str = "") -> bool:
+    async def request_handoff(
+        self,
+        conversation_id: int,
+        reason: str,
+        detail: str = "",
+        card: dict[str, Any] | None = None,
+    ) -> bool:
         async with self.sessions() as s, s.begin():
             conv = await repo.get_conversation(s, conversation_id)
             if conv is None or conv.owner != Owner.BOT.value:
@@ -448,7 +479,7 @@ class Pipeline:
                     from_owner=conv.owner,
                     to_owner=Owner.HANDOFF_REQUESTED.value,
                     reason=reason,
-                    card={"detail": detail} if detail else None,
+                    card={**(card or {}), "detail": detail} if detail or card else None,
                 )
             )
             conv.owner = Owner.HANDOFF_REQUESTED.value
@@ -502,6 +533,17 @@ class Pipeline:
         if any(counts.values()):
             log.info("recovered", **counts)
         return counts
+
+
+# Channels whose callers the shop itself authenticates (server-to-server).
+_TRUSTED_CHANNELS = frozenset({"api"})
+
+
+def _verified(channel: str, contact: Contact | None) -> bool:
+    """Whether order tools may be used: the shop vouched for who this shopper is."""
+    if channel in _TRUSTED_CHANNELS:
+        return True
+    return bool(contact is not None and (contact.attributes or {}).get("verified"))
 
 
 def _turn(m: Message) -> Turn:

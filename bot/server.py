@@ -9,7 +9,7 @@ import signal
 import structlog
 from aiohttp import web
 
-from bot.app import build_app
+from bot.app import SERVICES, build_app
 from bot.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -29,6 +29,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     port = settings.server.port
     if runner.addresses:
         port = runner.addresses[0][1]
+    host = settings.server.host if settings.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    app[SERVICES].listening_on(f"http://{host}:{port}")
     log.info("listening", url=f"http://{settings.server.host}:{port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -6,6 +6,7 @@ Secrets never live in the YAML file: a provider names the environment variable h
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,11 +19,16 @@ from channels.wechat.config import WechatSettings
 from channels.widget.config import WidgetSettings
 from orchestration.config import (
     SIMULATOR_PROVIDER,
+    BudgetSettings,
     ProviderSettings,
     ReplySettings,
+    ResilienceSettings,
     SimulatorSettings,
+    SpecialistSettings,
+    ToolSettings,
     _Section,
 )
+from orchestration.routing.config import RoutingSettings
 
 DEFAULT_CONFIG_FILE = "swarmdesk.yaml"
 CONFIG_ENV = "SWARMDESK_CONFIG"
@@ -85,6 +91,12 @@ class WorkerSettings(_Section):
     max_concurrent_conversations: int = Field(256, ge=1)
 
 
+class DemoShopSettings(_Section):
+    enabled: bool = Field(
+        True, description="serve the sample shop backend (orders, tracking, ...) under /demo-shop"
+    )
+
+
 class Settings(BaseSettings):
     """Everything swarmdesk reads at start. Load with `load_settings`."""
 
@@ -104,6 +116,18 @@ class Settings(BaseSettings):
     channels: ChannelsSettings = Field(default_factory=ChannelsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    specialists: list[SpecialistSettings] = Field(
+        default_factory=lambda: _packaged("orchestration", "default_specialists.yaml"),
+        description="who answers which intents; default: the demo shop's team",
+    )
+    tools: list[ToolSettings] = Field(
+        default_factory=lambda: _packaged("bot.demo_shop", "tools.yaml"),
+        description="HTTP tools of the shop's backend; default: the demo shop's",
+    )
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    demo_shop: DemoShopSettings = Field(default_factory=DemoShopSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -125,6 +149,24 @@ class Settings(BaseSettings):
             raise ValueError(f"providers: duplicate provider name(s) {dupes}; names must be unique")
         if SIMULATOR_PROVIDER in names:
             raise ValueError(f"providers: the name '{SIMULATOR_PROVIDER}' is reserved")
+        tool_names = {t.name for t in self.tools}
+        for i, sp in enumerate(self.specialists):
+            for tool in sp.tools:
+                if tool not in tool_names:
+                    raise ValueError(
+                        f"specialists[{i}] ({sp.name}): tool '{tool}' is not defined in "
+                        f"'tools' (defined: {', '.join(sorted(tool_names)) or 'none'})"
+                    )
+            # cheap/premium are the tiers routing speaks of; a missing one falls back to the
+            # first configured chain. Any other name must be configured (catches typos).
+            if sp.tier is not None and sp.tier not in {"cheap", "premium", *self.tiers}:
+                raise ValueError(
+                    f"specialists[{i}] ({sp.name}): tier '{sp.tier}' is not in 'tiers' "
+                    f"({', '.join(self.tiers)})"
+                )
+        spec_names = [sp.name for sp in self.specialists]
+        if len(set(spec_names)) != len(spec_names):
+            raise ValueError("specialists: names must be unique")
         known = {f"{p.name}/{m.name}" for p in self.providers for m in p.models}
         for tier, chain in self.tiers.items():
             if not chain:
@@ -144,6 +186,16 @@ class Settings(BaseSettings):
 
     def uses_simulator(self) -> bool:
         return not self.live_providers()
+
+
+def _packaged(package: str, name: str) -> list[Any]:
+    """A list shipped as YAML inside a package (the built-in defaults)."""
+    try:
+        text = resources.files(package).joinpath(name).read_text("utf-8")
+    except (FileNotFoundError, ModuleNotFoundError):
+        return []
+    data = yaml.safe_load(text)
+    return list(data or [])
 
 
 class ConfigError(Exception):

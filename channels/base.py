@@ -8,6 +8,7 @@ A channel turns platform webhooks into `InboundMessage`s and hands them to its `
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,6 +32,8 @@ class InboundMessage:
     user_name: str | None = None
     conversation_id: int | None = None  # a channel that lets the client pick one (HTTP API)
     answer: bool = True  # False: store only (an edit, an event with nothing to say)
+    # Merged into the contact's attributes (the widget's verified shop identity, ...).
+    contact_attributes: dict[str, Any] | None = None
 
 
 class UnknownConversation(LookupError):
@@ -119,6 +122,8 @@ class ConversationEvent:
     seq: int
     index: int | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    # time.monotonic() at creation: how long it took to reach a client (metrics, benchmarks).
+    at: float = field(default_factory=time.monotonic, compare=False)
 
     @property
     def durable(self) -> bool:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -20,6 +21,8 @@ class ModelSettings(_Section):
     input_price_per_mtok: float = Field(0.0, ge=0, description="price per 1M input tokens")
     output_price_per_mtok: float = Field(0.0, ge=0, description="price per 1M output tokens")
     max_tokens: int | None = Field(None, gt=0)
+    rpm: int | None = Field(None, gt=0, description="requests per minute allowed by the provider")
+    tpm: int | None = Field(None, gt=0, description="tokens per minute allowed by the provider")
 
 
 class ProviderSettings(_Section):
@@ -66,3 +69,77 @@ class ReplySettings(_Section):
     fallback_text: str = (
         "Sorry, I can't answer that right now. A colleague will get back to you shortly."
     )
+    fallback_text_zh: str | None = "抱歉，我暂时无法回答这个问题，同事会尽快回复您。"
+    handoff_notice: str = "A colleague will join this conversation shortly."
+    handoff_notice_zh: str | None = "人工客服稍后会加入对话。"
+    aggregation_reserve_seconds: float = Field(
+        4.0, ge=0, description="time kept for composing one answer from several specialists"
+    )
+
+
+class ResilienceSettings(_Section):
+    """How a failing or slow model is handled (DESIGN.md, Orchestration)."""
+
+    retries: int = Field(1, ge=0, le=5, description="retries of one model before the next")
+    backoff_initial_seconds: float = Field(0.2, ge=0)
+    backoff_max_seconds: float = Field(2.0, ge=0)
+    breaker_failures: int = Field(5, ge=1, description="consecutive failures that open it")
+    breaker_error_rate: float = Field(0.5, gt=0, le=1, description="error share that opens it")
+    breaker_window: int = Field(20, ge=2, description="calls the error share is taken over")
+    breaker_cooldown_seconds: float = Field(30.0, gt=0, description="open time before a probe")
+    hedge_after_seconds: float | None = Field(
+        2.5, gt=0, description="no first token by then: start the next model too (null: never)"
+    )
+    limiter_wait_seconds: float = Field(
+        1.0, ge=0, description="longest wait for a rate-limit slot before trying the next model"
+    )
+
+
+class BudgetSettings(_Section):
+    """Money limits, in the currency of the price table. null: no limit."""
+
+    per_conversation: float | None = Field(None, gt=0)
+    per_day: float | None = Field(None, gt=0)
+    degrade_at: float = Field(
+        0.8, gt=0, le=1, description="share of a budget after which only the cheap tier is used"
+    )
+    exhausted_text: str = (
+        "Thanks for your patience! A colleague will take over this conversation shortly."
+    )
+    exhausted_text_zh: str | None = "感谢您的耐心等待！人工客服将很快接手为您服务。"
+
+
+class ToolSettings(_Section):
+    """An OpenAI function tool backed by an HTTP endpoint of the shop's backend."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str
+    method: str = Field("GET", pattern=r"^(GET|POST|PUT|PATCH|DELETE)$")
+    url: str = Field(
+        description="absolute, or relative to this service (e.g. /demo-shop/api/orders/{order_id});"
+        " {placeholders} are filled from the arguments"
+    )
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    headers: dict[str, str] = Field(default_factory=dict)
+    auth_env: str | None = Field(None, description="env var with a bearer token for the backend")
+    timeout_seconds: float = Field(5.0, gt=0)
+    requires_verified_user: bool = Field(
+        False, description="only for shoppers whose identity the shop vouched for"
+    )
+
+
+class SpecialistSettings(_Section):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    intents: list[str] = Field(min_length=1)
+    system_prompt: str
+    tier: str | None = Field(None, description="null: the tier routing chose for the message")
+    tools: list[str] = Field(default_factory=list)
+    timeout_seconds: float = Field(8.0, gt=0)
+    priority: int = Field(0, description="higher wins when specialists disagree")
+    degraded_text: str = Field(
+        "I couldn't check that just now; a colleague will confirm it shortly.",
+        description="said in this specialist's place when it fails or runs out of time",
+    )
+    degraded_text_zh: str | None = Field(None, description="the same, for Chinese messages")
+    escalates: bool = Field(False, description="hands the conversation to a person")
+    max_tool_rounds: int = Field(3, ge=0, le=8)

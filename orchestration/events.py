@@ -19,7 +19,10 @@ class Turn:
 class ConversationInfo:
     id: int
     channel: str
-    tier: str | None = None
+    tier: str | None = None  # sticky tier of earlier turns
+    spent: float = 0.0  # money spent on models in this conversation so far
+    verified: bool = False  # the shop vouched for the shopper's identity (order tools)
+    degraded_answers: int = 0  # canned answers the bot gave in this conversation
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,7 @@ class Final:
 class Escalate:
     reason: str
     detail: str = ""
+    card: dict[str, Any] = field(default_factory=dict)  # summary, intents, order ids, sentiment
 
 
 @dataclass(frozen=True, slots=True)

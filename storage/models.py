@@ -113,6 +113,7 @@ class Conversation(Base):
     assigned_agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id"))
     tier: Mapped[str | None] = mapped_column(String(32))  # sticky tier, set by orchestration
     last_seq: Mapped[int] = mapped_column(Integer, default=0)  # per-conversation sequence
+    cost_total: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -243,3 +243,52 @@ async def undelivered_outbound(session: AsyncSession) -> list[Message]:
 
 def add_llm_call(session: AsyncSession, **fields: Any) -> None:
     session.add(LLMCall(**fields))
+
+
+@dataclass(frozen=True, slots=True)
+class CostRow:
+    tier: str | None
+    model: str
+    intent: str | None
+    calls: int
+    failed: int
+    input_tokens: int
+    output_tokens: int
+    cost: float
+
+
+async def cost_summary(
+    session: AsyncSession, since: datetime, until: datetime | None = None
+) -> list[CostRow]:
+    """The ledger grouped by tier, provider/model and intent, most expensive first."""
+    model = LLMCall.provider + "/" + LLMCall.model
+    q = (
+        select(
+            LLMCall.tier,
+            model,
+            LLMCall.intent,
+            func.count(),
+            func.sum(case((LLMCall.outcome == "ok", 0), else_=1)),
+            func.coalesce(func.sum(LLMCall.input_tokens), 0),
+            func.coalesce(func.sum(LLMCall.output_tokens), 0),
+            func.coalesce(func.sum(LLMCall.cost), 0.0),
+        )
+        .where(LLMCall.created_at >= since)
+        .group_by(LLMCall.tier, model, LLMCall.intent)
+        .order_by(func.sum(LLMCall.cost).desc())
+    )
+    if until is not None:
+        q = q.where(LLMCall.created_at < until)
+    return [
+        CostRow(t, m, i, int(n), int(f or 0), int(it), int(ot), float(c))
+        for t, m, i, n, f, it, ot, c in (await session.execute(q)).all()
+    ]
+
+
+async def conversation_cost(session: AsyncSession, conversation_id: int) -> float:
+    total = await session.scalar(
+        select(func.coalesce(func.sum(LLMCall.cost), 0.0)).where(
+            LLMCall.conversation_id == conversation_id
+        )
+    )
+    return float(total or 0.0)

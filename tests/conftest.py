@@ -92,7 +92,8 @@ def make_settings(db: str, sim_url: str, **overrides: Any) -> Settings:
                 ],
             }
         ],
-        "tiers": {"cheap": ["sim/sim-a", "sim/sim-b"], "premium": ["sim/sim-b"]},
+        # Both chains two deep, so every turn can fall back whatever tier routing picks.
+        "tiers": {"cheap": ["sim/sim-a", "sim/sim-b"], "premium": ["sim/sim-a", "sim/sim-b"]},
         "reply": {"turn_deadline_seconds": 15},
     }
     for key, value in overrides.items():

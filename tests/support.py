@@ -107,5 +107,6 @@ async def start_service(settings: Settings) -> RunningService:
     await site.start()
     port = runner.addresses[0][1]
     base = f"http://127.0.0.1:{port}"
+    app[SERVICES].listening_on(base)
     client = httpx.AsyncClient(base_url=base, timeout=30)
     return RunningService(base, app, runner, client)

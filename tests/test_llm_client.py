@@ -521,14 +521,23 @@ async def test_simulator_speaks_openai_chunk_format(control: httpx.AsyncClient) 
     assert r.status_code == 400 and "error" in r.json()
 
 
-def test_reply_tokens_exact_count_and_prefix() -> None:
-    for n in (1, 3, 12, 40, 200):
-        assert len(reply_tokens("Is this jacket waterproof?", n)) == n
-        assert len(reply_tokens("这件外套防水吗？", n)) == n
-    long = "".join(reply_tokens("Is this jacket waterproof?", 40))
-    half = "".join(reply_tokens("Is this jacket waterproof?", 40)[:20])
-    assert long.startswith(half)
+def test_reply_tokens_exact_count_polite_and_quoting() -> None:
+    for question in ("Is this jacket waterproof?", "这件外套防水吗？"):
+        for n in (0, 1, 3, 12, 40, 200, 1000):
+            assert len(reply_tokens(question, n)) == n
+    english = "".join(reply_tokens("Is this jacket waterproof?", 40))
+    assert "“Is this jacket waterproof?”" in english
+    assert english.endswith(("! (simulated)", ". (simulated)", "? (simulated)"))
+    chinese = "".join(reply_tokens("这件外套防水吗？", 40))
+    assert "“这件外套防水吗？”" in chinese and chinese.endswith("（模拟回复）")
     assert reply_tokens("a", 10, seed=1) == reply_tokens("a", 10, seed=1)
+
+
+async def test_closed_client_fails_like_a_provider() -> None:
+    client = ProviderClient("p", "http://127.0.0.1:9/v1", None)
+    await client.aclose()
+    err = await fails_with(client.complete_chat("m", MESSAGES))
+    assert err.kind is ErrorKind.CONNECTION
 
 
 # --- token estimates --------------------------------------------------------------------

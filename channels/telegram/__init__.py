@@ -1,4 +1,4 @@
-"""The telegram channel."""
+"""The telegram channel: bots on webhooks (or long polling), streamed replies, groups, media."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ from channels.telegram.config import TelegramSettings
 
 
 def build(settings: TelegramSettings) -> list[Channel]:
-    """The channel objects this config section asks for (none while disabled)."""
+    """The channel objects this config section asks for (none while disabled).
+
+    One channel serves every configured bot; raises TelegramConfigError when a bot's token
+    or webhook secret is missing from the environment.
+    """
     if not settings.enabled:
         return []
-    raise NotImplementedError("the telegram channel is not built yet")
+    from channels.telegram.channel import TelegramChannel  # aiogram loads only when used
+
+    return [TelegramChannel(settings)]

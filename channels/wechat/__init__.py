@@ -1,13 +1,29 @@
-"""The wechat channel."""
+"""The WeChat family of channels: Official Accounts (`wechat`) and WeCom (`wecom`).
+
+One channel object per platform kind serves all its configured accounts, each at its own
+callback path.
+"""
 
 from __future__ import annotations
 
 from channels.base import Channel
 from channels.wechat.config import WechatSettings
+from channels.wechat.tokens import InProcessTokenStore
 
 
 def build(settings: WechatSettings) -> list[Channel]:
-    """The channel objects this config section asks for (none while disabled)."""
+    """The channel objects this config section asks for (none while disabled).
+
+    Raises RuntimeError naming the environment variable to set when a secret is missing."""
     if not settings.enabled:
         return []
-    raise NotImplementedError("the wechat channel is not built yet")
+    from channels.wechat.official import OfficialAccountChannel
+    from channels.wechat.wecom import WecomChannel
+
+    store = InProcessTokenStore()  # shared: one place to swap in Redis later
+    channels: list[Channel] = []
+    if settings.official_accounts:
+        channels.append(OfficialAccountChannel(settings, store))
+    if settings.wecom_apps or settings.wecom_bots:
+        channels.append(WecomChannel(settings, store))
+    return channels

@@ -1,4 +1,4 @@
-"""The widget channel."""
+"""The web chat widget channel (see channel.py for its routes)."""
 
 from __future__ import annotations
 
@@ -10,4 +10,6 @@ def build(settings: WidgetSettings) -> list[Channel]:
     """The channel objects this config section asks for (none while disabled)."""
     if not settings.enabled:
         return []
-    raise NotImplementedError("the widget channel is not built yet")
+    from channels.widget.channel import WidgetChannel
+
+    return [WidgetChannel(settings)]

@@ -20,6 +20,8 @@ class ModelEntry:
     client: ProviderClient
     price: ModelPrice
     max_tokens: int | None = None
+    rpm: int | None = None  # provider limits, enforced by orchestration.resilience
+    tpm: int | None = None
 
     @property
     def ref(self) -> str:
@@ -48,7 +50,9 @@ class ModelRegistry:
             )
             for m in p.models:
                 price = ModelPrice(m.input_price_per_mtok, m.output_price_per_mtok)
-                entries.append(ModelEntry(p.name, m.name, client, price, m.max_tokens))
+                entries.append(
+                    ModelEntry(p.name, m.name, client, price, m.max_tokens, m.rpm, m.tpm)
+                )
         return cls(entries, tiers)
 
     @classmethod

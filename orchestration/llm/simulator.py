@@ -8,6 +8,11 @@ config, from a FIFO queue filled through `POST /_sim/faults`, or from inline dir
 in the last user message (`[[sim:fault=cut]]`), which lets an end-to-end test steer one
 message through the whole service.
 
+Offered `tools`, it calls the one that fits the shopper's message and then answers from
+the tool results, in OpenAI's tool-calling format; asked for `response_format:
+json_object`, it classifies the message (simulator_modes), so the specialists' tool loop
+and the router's LLM stage run for real without a model.
+
 It shares a small machine with the service under load, so it does little per request:
 replies are generated once per distinct question and cached, pacing is `asyncio.sleep`,
 and fast token rates are batched so a stream writes at most about every 10 ms.
@@ -26,12 +31,14 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from orchestration.llm import simulator_modes as modes
+from orchestration.llm.simulator_modes import SimToolCall
 from orchestration.llm.tokens import estimate_messages_tokens
 from orchestration.llm.types import ChatMessage
 
@@ -43,6 +50,8 @@ _MIN_WRITE_GAP_S = 0.010
 _SLOW_DEFAULT_MS = 5000.0
 # A hung request gives up on its own after this long, so nothing lingers forever.
 _HANG_MAX_S = 600.0
+# Longest reply, whatever a directive or the config asks for (replies are cached).
+_MAX_REPLY_TOKENS = 32_768
 # Long waits check this often whether the client is still there.
 _POLL_S = 0.2
 
@@ -71,6 +80,7 @@ class SimulatorStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     active: int = 0  # requests being served right now
+    peak_active: int = 0  # most requests served at once (shows calls ran in parallel)
     faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULTS, 0))
 
     def reset(self) -> None:
@@ -148,7 +158,9 @@ class _State:
             retry_after=_number(directives.get("retry_after"), retry_after),
             first_token_s=_number(directives.get("delay_ms"), first_token_ms) / 1000,
             tokens_per_second=_number(directives.get("tps"), cfg.tokens_per_second),
-            reply_tokens=int(_number(directives.get("tokens"), cfg.reply_tokens)),
+            reply_tokens=min(
+                _MAX_REPLY_TOKENS, int(_number(directives.get("tokens"), cfg.reply_tokens))
+            ),
         )
         if plan.fault is not None:
             self.stats.faults[plan.fault] += 1
@@ -226,10 +238,33 @@ _ZH_BODIES = (
     "请您保留好订单号，方便我们核对信息。",
     "请问还有什么可以帮您的吗？",
 )
-_ZH_TAG = "（模拟回复）"
 
 _SENTENCE_END = (".", "!", "?", "。", "！", "？", "…")
-_MAX_WORD_PIECE = 6
+_MAX_WORD_PIECE = 8
+
+# Short closing sentences of distinct lengths 1..8 tokens, in reading order. Any gap of up
+# to 36 tokens between the last whole sentence and the requested length is filled exactly
+# by a few of them, so replies end on a sentence instead of being cut mid-word.
+_EN_CLOSINGS = (
+    "We are always happy to help.",
+    "Thanks for your patience!",
+    "Thank you again for shopping with us!",
+    "Have a great day!",
+    "Thanks so much!",
+    "Thank you!",
+    "Thanks!",
+    "Kind regards from your friendly customer care team.",
+)
+_ZH_CLOSINGS = (
+    ("感谢", "您", "对", "本店", "的", "支持", "与", "信任。"),
+    ("如有", "问题", "欢迎", "随时", "咨询", "。"),
+    ("我们", "一直", "都在", "，", "随时", "为您", "服务。"),
+    ("期待", "再次", "为您", "服务", "。"),
+    ("感谢", "您的", "耐心！"),
+    ("祝您", "购物", "愉快", "！"),
+    ("欢迎", "再次光临！"),
+    ("谢谢！",),
+)
 
 
 def _mostly_chinese(text: str) -> bool:
@@ -275,47 +310,96 @@ def _chinese_tokens(sentence: str, rng: random.Random) -> list[str]:
     return tokens
 
 
+def _closings_by_length(closings: Sequence[Sequence[str]]) -> dict[int, tuple[int, list[str]]]:
+    """{token count: (reading position, tokens)}; the counts must be distinct."""
+    table = {len(c): (pos, list(c)) for pos, c in enumerate(closings)}
+    assert len(table) == len(closings), "closing lengths must be distinct"
+    return table
+
+
+_CLOSINGS = {
+    False: _closings_by_length([_english_tokens(c, first=False) for c in _EN_CLOSINGS]),
+    True: _closings_by_length(_ZH_CLOSINGS),
+}
+
+
+def _closing(n_tokens: int, chinese: bool) -> list[str] | None:
+    """Closing sentences of exactly `n_tokens` tokens, or None if they cannot make it."""
+    table = _CLOSINGS[chinese]
+    chosen: list[tuple[int, list[str]]] = []
+    left = n_tokens
+    for length in sorted(table, reverse=True):  # greedy works: lengths 1..k all exist
+        if length <= left:
+            chosen.append(table[length])
+            left -= length
+    if left:
+        return None
+    return [token for _, tokens in sorted(chosen) for token in tokens]
+
+
+def _sentences(
+    rng: random.Random, opener: str | None, ack: str, bodies: Sequence[str]
+) -> Iterator[str]:
+    if opener is not None:
+        yield opener
+    yield ack
+    while True:  # the body sentences, reshuffled on every round
+        pool = list(bodies)
+        rng.shuffle(pool)
+        yield from pool
+
+
 @functools.lru_cache(maxsize=4096)
 def reply_tokens(question: str, n_tokens: int, seed: int | None = None) -> tuple[str, ...]:
     """The reply to `question` as exactly `n_tokens` tokens; the same input, the same reply.
 
-    A shorter reply is a prefix of a longer one except for its last token, so a cut
-    stream's text is a prefix of the full reply.
+    Whole sentences as long as they fit, then closing sentences that fill the rest
+    exactly, then a short "simulated" tag; only a reply too short for its first sentence
+    is cut mid-sentence.
     """
     if n_tokens <= 0:
         return ()
     rng = random.Random(f"{seed}|{question}")  # str seeds hash with SHA-512: stable
     chinese = _mostly_chinese(question)
     quote = _quote(question, chinese)
-    openers: Sequence[str]
-    acks: Sequence[str]
-    bodies: Sequence[str]
     if chinese:
-        openers, acks, bodies = _ZH_OPENERS, _ZH_ACKS, _ZH_BODIES
-        tag_tokens = _chinese_tokens(_ZH_TAG, random.Random(0))
+        opener, ack = rng.choice(_ZH_OPENERS), rng.choice(_ZH_ACKS).format(q=quote)
+        tag_tokens = ["（模拟", "回复）"]
     else:
-        openers, acks, bodies = _EN_OPENERS, _EN_ACKS, _EN_BODIES
+        opener, ack = rng.choice(_EN_OPENERS), rng.choice(_EN_ACKS).format(q=quote)
         tag_tokens = _english_tokens(_EN_TAG, first=False)
     with_tag = n_tokens >= len(tag_tokens) + 8
     body_len = n_tokens - len(tag_tokens) if with_tag else n_tokens
+    # Echoing the question matters more than the greeting: drop the greeting if both
+    # do not fit. (Token counts of English sentences do not depend on the rng.)
+    if chinese:
+        both_fit = len(opener) + len(ack) <= body_len * 3 // 2  # ~1.5 hanzi per token
+    else:
+        both_fit = (
+            len(_english_tokens(opener, first=True)) + len(_english_tokens(ack, first=False))
+            <= body_len
+        )
+    sentences = _sentences(
+        rng, opener if both_fit else None, ack, _ZH_BODIES if chinese else _EN_BODIES
+    )
 
-    sentences = [rng.choice(openers), rng.choice(acks).format(q=quote)]
     tokens: list[str] = []
-    pool: list[str] = []
-    while len(tokens) < body_len:
-        if not sentences:
-            if not pool:
-                pool = list(bodies)
-                rng.shuffle(pool)
-            sentences.append(pool.pop())
-        sentence = sentences.pop(0)
+    for sentence in sentences:
         if chinese:
-            tokens.extend(_chinese_tokens(sentence, rng))
+            pieces = _chinese_tokens(sentence, rng)
         else:
-            tokens.extend(_english_tokens(sentence, first=not tokens))
-    del tokens[body_len:]
-    if not tokens[-1].endswith(_SENTENCE_END):
-        tokens[-1] += "…"
+            pieces = _english_tokens(sentence, first=not tokens)
+        if len(tokens) + len(pieces) <= body_len:
+            tokens.extend(pieces)
+            continue
+        closing = _closing(body_len - len(tokens), chinese) if tokens else None
+        if closing is not None:
+            tokens.extend(closing)
+        else:  # too short for even one sentence: cut it
+            tokens.extend(pieces[: body_len - len(tokens)])
+            if not tokens[-1].endswith(_SENTENCE_END):
+                tokens[-1] += "…"
+        break
     if with_tag:
         tokens.extend(tag_tokens)
     return tuple(tokens)
@@ -385,6 +469,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     messages = _parse_messages(body)
     if isinstance(messages, str):
         return _error(400, messages, "invalid_request_error")
+    problem = modes.check_request(body)
+    if problem is not None:
+        return _error(400, problem, "invalid_request_error")
 
     stats = state.stats
     stats.requests += 1
@@ -410,6 +497,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         )
 
     stats.active += 1
+    stats.peak_active = max(stats.peak_active, stats.active)
     try:
         if plan.fault == "hang":
             # Say nothing until the client gives up (or the simulator stops).
@@ -419,13 +507,37 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         n_tokens = plan.reply_tokens
         finish_reason = "stop"
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        if isinstance(limit, int) and 0 < limit < n_tokens:
-            n_tokens, finish_reason = limit, "length"
-        tokens = reply_tokens(" ".join(question.split()), n_tokens, state.config.seed)
-        prompt_tokens = estimate_messages_tokens(messages)
+        reply_number = next(state.ids)
+        # Tool calls, an answer from tool results or JSON; else the canned reply.
+        special = modes.special_reply(body, question, f"call_sim{reply_number}")
+        if special is None:
+            if isinstance(limit, int) and 0 < limit < n_tokens:
+                n_tokens, finish_reason = limit, "length"
+            tokens = reply_tokens(" ".join(question.split()), n_tokens, state.config.seed)
+        else:
+            tokens = special.tokens
+            if isinstance(limit, int) and 0 < limit < len(tokens):
+                tokens, finish_reason = tokens[:limit], "length"
+        prompt_tokens = estimate_messages_tokens(messages) + modes.prompt_overhead(body)
         stats.prompt_tokens += prompt_tokens
         model = str(body.get("model") or "simulator")
-        reply_id = f"chatcmpl-sim{next(state.ids)}"
+        reply_id = f"chatcmpl-sim{reply_number}"
+        if special is not None and special.calls:
+            if body.get("stream"):
+                options = body.get("stream_options")
+                return await _stream_tool_calls(
+                    request,
+                    state,
+                    plan,
+                    special.calls,
+                    model,
+                    reply_id,
+                    prompt_tokens,
+                    include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
+                )
+            return await _whole_tool_calls(
+                request, state, plan, special, model, reply_id, prompt_tokens
+            )
 
         if body.get("stream"):
             options = body.get("stream_options")
@@ -592,6 +704,159 @@ async def _stream(
     return response
 
 
+def _sse_envelope(reply_id: str, model: str, include_usage: bool) -> tuple[str, str]:
+    """(head, tail) of a chunk whose delta goes in between (as in `_stream`)."""
+    usage_null = ',"usage":null' if include_usage else ""
+    head = (
+        f'data: {{"id":"{reply_id}","object":"chat.completion.chunk",'
+        f'"created":{int(time.time())},"model":{json.dumps(model)},'
+        f'"system_fingerprint":"fp_swarmdesk_sim","choices":[{{"index":0,"delta":'
+    )
+    tail = f',"logprobs":null,"finish_reason":null}}]{usage_null}}}\n\n'
+    return head, tail
+
+
+def _tool_call_deltas(
+    calls: tuple[SimToolCall, ...], steps: list[tuple[int, int]]
+) -> list[dict[str, Any]]:
+    """Deltas for paced steps (call index, piece number; -1 is the call's header).
+
+    Consecutive pieces of one call share a delta, as a provider batches them; a header
+    opens each call with its index, id, type and name, like OpenAI's first chunk of a call.
+    """
+    deltas: list[dict[str, Any]] = []
+    for index, piece in steps:
+        call = calls[index]
+        if piece < 0:
+            entry = {
+                "index": index,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+            delta: dict[str, Any] = {"tool_calls": [entry]}
+            if index == 0:
+                delta = {"role": "assistant", "content": None, **delta}
+            deltas.append(delta)
+            continue
+        last = deltas[-1]["tool_calls"][0] if deltas else None
+        if last is not None and last["index"] == index and "id" not in last:
+            last["function"]["arguments"] += call.pieces[piece]
+        else:
+            entry = {"index": index, "function": {"arguments": call.pieces[piece]}}
+            deltas.append({"tool_calls": [entry]})
+    return deltas
+
+
+async def _stream_tool_calls(
+    request: web.Request,
+    state: _State,
+    plan: _Plan,
+    calls: tuple[SimToolCall, ...],
+    model: str,
+    reply_id: str,
+    prompt_tokens: int,
+    *,
+    include_usage: bool,
+) -> web.StreamResponse:
+    """Tool calls in OpenAI's streaming shape, paced like text: each call's header, then
+    its arguments in pieces; finish_reason "tool_calls", then the usage chunk."""
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    head, tail = _sse_envelope(reply_id, model, include_usage)
+    steps = [(i, p) for i, call in enumerate(calls) for p in range(-1, len(call.pieces))]
+    stop_at = len(steps) // 2 if plan.fault == "cut" else len(steps)
+    interval = 1 / plan.tokens_per_second if plan.tokens_per_second > 0 else 0.0
+    loop = asyncio.get_running_loop()
+    start = loop.time() + plan.first_token_s
+    sent = 0
+    try:
+        if not await _wait(request, state, plan.first_token_s):
+            state.stats.disconnected += 1
+            return response
+        while sent < stop_at and not state.closing:
+            due = stop_at if interval == 0 else int((loop.time() - start) / interval) + 1
+            upto = min(stop_at, max(sent + 1, due))
+            deltas = _tool_call_deltas(calls, steps[sent:upto])
+            await response.write(
+                "".join(
+                    f"{head}{json.dumps(d, ensure_ascii=False, separators=(',', ':'))}{tail}"
+                    for d in deltas
+                ).encode()
+            )
+            state.stats.completion_tokens += upto - sent
+            sent = upto
+            if sent < stop_at:
+                wait = start + sent * interval - loop.time()
+                await asyncio.sleep(max(wait, _MIN_WRITE_GAP_S))
+
+        if plan.fault == "cut" or state.closing:
+            _close(request)
+            return response
+
+        usage_null = ',"usage":null' if include_usage else ""
+        end = [f'{head}{{}},"logprobs":null,"finish_reason":"tool_calls"}}]{usage_null}}}\n\n']
+        if include_usage:
+            usage = json.dumps(_usage(prompt_tokens, sent), separators=(",", ":"))
+            end.append(
+                f'data: {{"id":"{reply_id}","object":"chat.completion.chunk",'
+                f'"created":{int(time.time())},"model":{json.dumps(model)},'
+                f'"system_fingerprint":"fp_swarmdesk_sim","choices":[],"usage":{usage}}}\n\n'
+            )
+        end.append("data: [DONE]\n\n")
+        await response.write("".join(end).encode())
+        state.stats.completed += 1
+    except ConnectionError:
+        state.stats.disconnected += 1
+    return response
+
+
+async def _whole_tool_calls(
+    request: web.Request,
+    state: _State,
+    plan: _Plan,
+    reply: modes.Reply,
+    model: str,
+    reply_id: str,
+    prompt_tokens: int,
+) -> web.StreamResponse:
+    """Tool calls in a non-streamed completion, after the same latency as a stream."""
+    n_tokens = reply.completion_tokens
+    generation_s = n_tokens / plan.tokens_per_second if plan.tokens_per_second > 0 else 0
+    if not await _wait(request, state, plan.first_token_s + generation_s):
+        return web.Response(status=503)
+    if plan.fault == "cut":
+        _close(request)
+        return web.Response(status=502)
+    state.stats.completed += 1
+    state.stats.completion_tokens += n_tokens
+    message = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": modes.tool_calls_json(reply.calls),
+        "refusal": None,
+    }
+    return web.json_response(
+        {
+            "id": reply_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": "fp_swarmdesk_sim",
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
+            ],
+            "usage": _usage(prompt_tokens, n_tokens),
+        }
+    )
+
+
 async def _models(request: web.Request) -> web.Response:
     created = 1_700_000_000
     return web.json_response(
@@ -682,8 +947,8 @@ def _config_value(key: str, value: Any) -> Any:
     if key in _RATE_FIELDS and number > 1:
         raise ValueError("must be a probability from 0 to 1")
     if key == "reply_tokens":
-        if number != int(number):
-            raise ValueError("must be an integer")
+        if number != int(number) or number > _MAX_REPLY_TOKENS:
+            raise ValueError(f"must be an integer up to {_MAX_REPLY_TOKENS}")
         return int(number)
     return number
 
@@ -738,6 +1003,7 @@ class Simulator:
         """Listen on `host:port` (0 picks a free port); returns the `/v1` base URL."""
         if self._runner is not None:
             return self.base_url
+        self._state.closing = False
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:

@@ -35,13 +35,6 @@ _CJK_RE = re.compile(
 )
 
 
-def count_cjk(text: str) -> int:
-    """Number of characters in `text` that count as one token each."""
-    if text.isascii():
-        return 0
-    return sum(len(run) for run in _CJK_RE.findall(text))
-
-
 def estimate_tokens(text: str) -> int:
     """Estimated token count of `text`; 0 only for the empty string."""
     if not text:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class ErrorKind(enum.StrEnum):
@@ -44,9 +45,50 @@ class LLMError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One function call a model asked for; `arguments_json` is the model's JSON text as is
+    (it may be invalid JSON: the tool runner reports that back to the model)."""
+
+    id: str
+    name: str
+    arguments_json: str
+
+    @property
+    def arguments(self) -> str:
+        """The same as `arguments_json`."""
+        return self.arguments_json
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments_json},
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: str  # "system" | "user" | "assistant" | "tool"
     content: str
+    # An assistant message that called tools; a "tool" message answers one of those calls
+    # by its id (and may carry the tool's name).
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def to_openai(self) -> dict[str, Any]:
+        """The message in OpenAI's chat format."""
+        if not self.tool_calls and self.tool_call_id is None and self.name is None:
+            return {"role": self.role, "content": self.content}
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["content"] = self.content or None  # OpenAI's shape for a pure tool call
+            out["tool_calls"] = [c.to_openai() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
 
 @dataclass(slots=True)
@@ -81,3 +123,5 @@ class CallStats:
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
     text: str = ""
+    # Function calls the model made ("tool_calls" finish), assembled from the stream.
+    tool_calls: list[ToolCall] = field(default_factory=list)

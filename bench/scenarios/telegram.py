@@ -1,0 +1,744 @@
+"""Scenario `telegram`: many private chats posting Updates to the Telegram webhook.
+
+Processes: the model simulator, the service (one bot, webhook mode, SQLite, one specialist
+and no LLM routing, so one model call per answer) and the fake Bot API server
+(`python -m tests.fakes.telegram_api`), each its own process; this process only posts Updates.
+The fake records every Bot API call with its arrival time (time.monotonic, the same clock in
+every process on Linux), so after the load each chat's calls tell what its shopper saw:
+
+- first visible text: the first `sendMessageDraft` (or `sendMessage`) that reached Telegram;
+- final: the `sendMessage` with the answer;
+- Bot API calls per answer: every call to the chat from its Update to the final (typing,
+  drafts, the final, and any 429 answered by the fake).
+
+Each Update is a new message from a new private chat (`--groups 0.2` sends that share as
+@mentions in new groups instead, which stream by editing a message). The simulator baseline
+(direct streamed calls, like scenario `api`) is what the model alone takes to its first token:
+first visible text minus that baseline is what the service adds.
+
+    .venv/bin/python -m bench telegram --rate 100 --duration 20
+    .venv/bin/python -m bench telegram --rate 20 --duration 20 --reply-tokens 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import yaml
+
+from bench import common
+from bench.scenarios.api import QUESTIONS, simulator_baseline
+
+NAME = "telegram"
+HELP = (
+    "Telegram webhook load over many private chats against the fake Bot API: updates/s, time "
+    "to first visible text and to the final message, Bot API calls per answer"
+)
+
+TOKEN = "424242:BENCH-token"
+SECRET = "bench-secret"
+PATH = "/telegram/bench/webhook"
+BOT_ID = 424242
+USERNAME = "bench_shop_bot"
+FALLBACK_TEXT = "Sorry, I can't answer that right now. A colleague will get back to you shortly."
+TARGET_OVERHEAD_P99_MS = 10.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rate", type=float, default=100.0, help="updates per second")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of load")
+    p.add_argument("--sim-first-token-ms", type=float, default=300.0)
+    p.add_argument("--sim-tps", type=float, default=50.0, help="simulator tokens per second")
+    p.add_argument(
+        "--reply-tokens", type=int, default=300, help="tokens per answer (300 at 50/s: 6 s)"
+    )
+    p.add_argument("--draft-rate", type=float, default=2.0, help="draft_updates_per_second")
+    p.add_argument("--edit-interval", type=float, default=1.0, help="edit_interval_seconds")
+    p.add_argument("--groups", type=float, default=0.0, help="share of updates from groups")
+    p.add_argument(
+        "--flood-limit",
+        type=int,
+        default=5,
+        help="the fake's calls per second per chat before it answers 429",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("full", "channel"),
+        default="full",
+        help="full: the whole service with the simulator; channel: the Telegram channel alone "
+        "in this process with a scripted model (no storage, no orchestration)",
+    )
+    p.add_argument(
+        "--batch-ms", type=float, default=100.0, help="--mode channel: tokens pushed per batch"
+    )
+    p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
+    p.add_argument(
+        "--pg-admin-dsn",
+        default=os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
+        help="where to CREATE/DROP the throw-away database for --db postgres",
+    )
+    p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--baseline-requests", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10, help="unmeasured updates before the load")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="wait for late answers")
+    p.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS, help="results directory")
+    p.add_argument("--tag", default="", help="suffix of the result file names")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the service under cProfile (slower!) and write <name>.service.prof/.txt",
+    )
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (config, DB, logs)")
+
+
+# --- the load -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Upd:
+    index: int
+    chat_id: int
+    group: bool
+    scheduled: float
+    sent: float = 0.0  # time.monotonic() when the POST went out
+    acked: float | None = None
+    status: int | None = None
+    error: str | None = None
+
+
+class Poster:
+    def __init__(
+        self, http: aiohttp.ClientSession, url: str, seed: int, groups: float, first_id: int
+    ) -> None:
+        self.http = http
+        self.url = url
+        self.rng = random.Random(seed)
+        self.groups = groups
+        # Fresh chats and update ids per poster: the warm-up must not share any with the load.
+        self.update_ids = iter(range(first_id, 10**12))
+        self.private_ids = iter(range(first_id, 10**12))
+        self.group_ids = iter(range(-first_id, -(10**12), -1))
+        self.updates: list[Upd] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def send(self, index: int, scheduled: float) -> Upd:
+        group = self.rng.random() < self.groups
+        chat = next(self.group_ids) if group else next(self.private_ids)
+        u = Upd(index, chat, group, scheduled)
+        self.updates.append(u)
+        task = asyncio.create_task(self._post(u))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return u
+
+    def _body(self, u: Upd) -> dict[str, Any]:
+        user = abs(u.chat_id) + 7
+        chat: dict[str, Any] = {"id": u.chat_id, "type": "supergroup" if u.group else "private"}
+        text = self.rng.choice(QUESTIONS)
+        msg: dict[str, Any] = {
+            "message_id": 1,
+            "date": int(time.time()),
+            "chat": chat,
+            "from": {"id": user, "is_bot": False, "first_name": f"Shopper{user}"},
+        }
+        if u.group:
+            handle = f"@{USERNAME}"
+            msg["text"] = f"{handle} {text}"
+            msg["entities"] = [{"type": "mention", "offset": 0, "length": len(handle)}]
+        else:
+            msg["text"] = text
+        return {"update_id": next(self.update_ids), "message": msg}
+
+    async def _post(self, u: Upd) -> None:
+        body = self._body(u)
+        headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
+        u.sent = time.monotonic()
+        try:
+            async with self.http.post(self.url, json=body, headers=headers) as r:
+                u.status = r.status
+                await r.read()
+                if r.status != 200:
+                    u.error = f"HTTP {r.status}"
+        except (aiohttp.ClientError, TimeoutError) as e:
+            u.error = f"{type(e).__name__}: {e}"
+        u.acked = time.monotonic()
+
+    async def drive(self, rate: float, duration: float, arrival: str) -> tuple[float, float]:
+        gaps = random.Random(self.rng.random())
+        offsets: list[float] = []
+        t = gaps.expovariate(rate) if arrival == "poisson" else 0.0
+        while t < duration:
+            offsets.append(t)
+            t += gaps.expovariate(rate) if arrival == "poisson" else 1.0 / rate
+        start = time.monotonic()
+        for i, offset in enumerate(offsets):
+            delay = start + offset - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.send(i, start + offset)
+        await self.wait()
+        return start, time.monotonic()
+
+    async def wait(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+class CallLog:
+    """The fake's recorded calls, fetched incrementally."""
+
+    def __init__(self, http: aiohttp.ClientSession, base: str) -> None:
+        self.http = http
+        self.base = base
+        self.calls: list[dict[str, Any]] = []
+        self.violations: list[str] = []
+        self.finals: set[int] = set()
+
+    async def fetch(self) -> None:
+        async with self.http.get(f"{self.base}/_fake/calls?since={len(self.calls)}") as r:
+            body = await r.json()
+        self.calls.extend(body["calls"])
+        self.violations = body["violations"]
+        for c in body["calls"]:
+            if c["method"] == "sendmessage" and c["status"] == 200 and c["chat_id"] is not None:
+                self.finals.add(c["chat_id"])
+
+
+async def drain(log: CallLog, updates: list[Upd], timeout: float, settle: float = 0.0) -> None:
+    """Until every update's chat got a message (or `timeout`), then `settle` seconds more
+    (a group's last edit follows its first message)."""
+    end = time.monotonic() + timeout
+    want = {u.chat_id for u in updates if u.status == 200}
+    while time.monotonic() < end:
+        await log.fetch()
+        if want <= log.finals:
+            break
+        await asyncio.sleep(0.5)
+    if settle:
+        await asyncio.sleep(settle)
+    await log.fetch()
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+def service_section(args: argparse.Namespace, api_url: str) -> dict[str, Any]:
+    """The `channels.telegram` section: one bot pointed at the fake Bot API."""
+    return {
+        "enabled": True,
+        "bots": [
+            {
+                "account": "bench",
+                "webhook_path": PATH,
+                "username": USERNAME,
+                "token_env": "BENCH_TG_TOKEN",
+                "secret_token_env": "BENCH_TG_SECRET",
+                "api_base_url": api_url,
+                "draft_updates_per_second": args.draft_rate,
+                "edit_interval_seconds": args.edit_interval,
+            }
+        ],
+    }
+
+
+def service_config(
+    path: Path, *, port: int, db_url: str, sim_port: int, api_url: str, args: argparse.Namespace
+) -> None:
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": 5},
+        "database": {"url": db_url},
+        "providers": [
+            {
+                "name": "sim",
+                "base_url": f"http://127.0.0.1:{sim_port}/v1",
+                "first_token_timeout_seconds": 20,
+                "max_concurrency": 2048,
+                "models": [{"name": "sim-chat", "input_price_per_mtok": 0.27}],
+            }
+        ],
+        "tiers": {"cheap": ["sim/sim-chat"], "premium": ["sim/sim-chat"]},
+        "reply": {
+            "fallback_text": FALLBACK_TEXT,
+            "turn_deadline_seconds": 60,
+            "max_output_tokens": max(800, args.reply_tokens + 50),
+        },
+        "routing": {"llm_below": 0},
+        "specialists": [
+            {
+                "name": "general",
+                "intents": ["other"],
+                "timeout_seconds": 55,
+                "system_prompt": "You are the shop's assistant. Answer briefly.",
+            }
+        ],
+        "log": {"format": "json", "level": "warning"},
+        "worker": {"max_concurrent_conversations": 4096},
+        "channels": {"api": {"enabled": False}, "telegram": service_section(args, api_url)},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), "utf-8")
+
+
+async def run(args: argparse.Namespace) -> int:
+    if args.rate <= 0 or args.duration <= 0:
+        raise SystemExit("bench: --rate and --duration must be positive")
+    tag = f"-{args.tag}" if args.tag else ""
+    where = "channel" if args.mode == "channel" else args.db
+    stem = f"telegram-{where}-r{args.rate:g}-t{args.reply_tokens}{tag}"
+    tmp = Path(tempfile.mkdtemp(prefix="bench-telegram-"))
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(common.free_port())
+    sim_port, svc_port, api_port = sorted(ports)
+    env = common.clean_env()
+    sim = common.ManagedProcess(
+        "simulator",
+        [
+            *(sys.executable, "-m", "orchestration.llm.simulator", "--port", str(sim_port)),
+            *("--first-token-ms", str(args.sim_first_token_ms), "--tps", str(args.sim_tps)),
+            *("--reply-tokens", str(args.reply_tokens)),
+        ],
+        tmp / "simulator.log",
+        env=env,
+        cwd=tmp,
+    )
+    fake = common.ManagedProcess(
+        "fake-bot-api",
+        [
+            *(sys.executable, "-m", "tests.fakes.telegram_api", "--port", str(api_port)),
+            *("--per-chat-per-second", str(args.flood_limit)),
+        ],
+        tmp / "fake-bot-api.log",
+        env=common.clean_env({"PYTHONPATH": str(common.REPO_ROOT)}),
+        cwd=common.REPO_ROOT,
+    )
+    svc = common.ManagedProcess(
+        "service",
+        [
+            sys.executable,
+            *(("-m", "cProfile", "-o", str(tmp / "service.prof")) if args.profile else ()),
+            *("-m", "bot.cli", "--config", str(tmp / "bench.yaml"), "serve"),
+        ],
+        tmp / "service.log",
+        env=common.clean_env({"BENCH_TG_TOKEN": TOKEN, "BENCH_TG_SECRET": SECRET}),
+        cwd=tmp,
+    )
+    print(f"bench: temp dir {tmp}")
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if args.db == "postgres":
+                name = f"swarmdesk_bench_tg_{os.getpid()}_{random.randrange(16**6):06x}"
+                db_url = await stack.enter_async_context(
+                    common.temporary_postgres_db(args.pg_admin_dsn, name)
+                )
+            else:
+                db_url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
+            service_config(
+                tmp / "bench.yaml",
+                port=svc_port,
+                db_url=db_url,
+                sim_port=sim_port,
+                api_url=f"http://127.0.0.1:{api_port}",
+                args=args,
+            )
+            fake.start()
+            if args.mode == "channel":
+                m = await _measure_channel(args, fake, api_port)
+            else:
+                sim.start()
+                svc.start()
+                m = await _measure(args, sim, fake, svc, sim_port, svc_port, api_port)
+                svc.stop(15.0)  # before its database is dropped
+        m["service_log"] = common.scan_json_log(svc.log_path)
+        result = _result(args, m)
+        args.out.mkdir(parents=True, exist_ok=True)
+        json_path = common.write_json(args.out / f"{stem}.json", result)
+        png_path = args.out / f"{stem}.png"
+        _plot(result, m, png_path)
+        files = [json_path, png_path]
+        if args.profile and (tmp / "service.prof").exists():
+            files += common.profile_report(tmp / "service.prof", args.out / f"{stem}.service")
+        print(_summary(result, files))
+        return 0 if result["ok"] else 1
+    finally:
+        svc.stop()
+        fake.stop()
+        sim.stop()
+        if args.keep_tmp:
+            print(f"bench: kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _measure(
+    args: argparse.Namespace,
+    sim: common.ManagedProcess,
+    fake: common.ManagedProcess,
+    svc: common.ManagedProcess,
+    sim_port: int,
+    svc_port: int,
+    api_port: int,
+) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        svc_base, api_base = f"http://127.0.0.1:{svc_port}", f"http://127.0.0.1:{api_port}"
+        await common.wait_ready(http, f"http://127.0.0.1:{sim_port}/healthz", sim)
+        await common.wait_ready(http, f"{api_base}/healthz", fake)
+        await common.wait_ready(http, f"{svc_base}/readyz", svc)
+        print(f"bench: simulator :{sim_port}, fake Bot API :{api_port}, service :{svc_port}")
+
+        sim_base = f"http://127.0.0.1:{sim_port}/v1"
+        await simulator_baseline(http, sim_base, 5, args.rate)
+        baseline, baseline_failures = await simulator_baseline(
+            http, sim_base, args.baseline_requests, args.rate
+        )
+        print(
+            f"bench: simulator baseline first token p50 {common.percentile(baseline, 50):.1f} ms,"
+            f" p99 {common.percentile(baseline, 99):.1f} ms"
+        )
+        procs = {
+            "service": psutil.Process(svc.pid),
+            "simulator": psutil.Process(sim.pid),
+            "fake_bot_api": psutil.Process(fake.pid),
+            "loadgen": psutil.Process(os.getpid()),
+        }
+        m = await _load(args, http, svc_base + PATH, api_base, procs)
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with http.get(f"{svc_base}/metrics") as r:
+                m["metrics"] = common.parse_prometheus(await r.text())
+    m.update(baseline=baseline, baseline_failures=baseline_failures)
+    return m
+
+
+async def _measure_channel(
+    args: argparse.Namespace, fake: common.ManagedProcess, api_port: int
+) -> dict[str, Any]:
+    """--mode channel: the Telegram channel in this process with a scripted model."""
+    from bench.scenarios.telegram_stub import start_channel
+
+    os.environ["BENCH_TG_TOKEN"], os.environ["BENCH_TG_SECRET"] = TOKEN, SECRET
+    api_base = f"http://127.0.0.1:{api_port}"
+    section = service_section(args, api_base)
+    runner, _, base = await start_channel(
+        section,
+        first_token_s=args.sim_first_token_ms / 1000,
+        tps=args.sim_tps,
+        tokens=args.reply_tokens,
+        batch_s=args.batch_ms / 1000,
+    )
+    try:
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+            await common.wait_ready(http, f"{api_base}/healthz", fake)
+            print(f"bench: fake Bot API :{api_port}, Telegram channel alone at {base}")
+            procs = {
+                "loadgen_and_channel": psutil.Process(os.getpid()),
+                "fake_bot_api": psutil.Process(fake.pid),
+            }
+            m = await _load(args, http, base + PATH, api_base, procs)
+    finally:
+        await runner.cleanup()
+    # The scripted model's first token comes exactly this late: that is the baseline.
+    m.update(baseline=[args.sim_first_token_ms], baseline_failures=0, metrics={})
+    return m
+
+
+async def _load(
+    args: argparse.Namespace,
+    http: aiohttp.ClientSession,
+    webhook: str,
+    api_base: str,
+    procs: dict[str, psutil.Process],
+) -> dict[str, Any]:
+    log = CallLog(http, api_base)
+    if args.warmup:
+        warm = Poster(http, webhook, args.seed + 1, 0.0, first_id=1_000_000)
+        for i in range(args.warmup):
+            warm.send(i, time.monotonic())
+            await asyncio.sleep(0.05)
+        await warm.wait()
+        await drain(log, warm.updates, 60.0)
+    skip = len(log.calls)
+    poster = Poster(http, webhook, args.seed, args.groups, first_id=10_000_000)
+    rss = common.RssSampler(procs)
+    cpu0 = {n: common.cpu_seconds(p) for n, p in procs.items()}
+    rss.start()
+    print(f"bench: posting {args.rate:g} updates/s for {args.duration:g} s ({args.arrival})")
+    try:
+        start, last_post = await poster.drive(args.rate, args.duration, args.arrival)
+        settle = 3 * args.edit_interval if args.groups else 0.0
+        await drain(log, poster.updates, args.drain_timeout, settle)
+    finally:
+        await rss.stop()
+    end = time.monotonic()
+    cpu = {n: common.cpu_seconds(p) - cpu0[n] for n, p in procs.items()}
+    return {
+        "updates": poster.updates,
+        "calls": log.calls[skip:],
+        "violations": log.violations,
+        "times": {"start": start, "last_post": last_post, "end": end},
+        "cpu": cpu,
+        "rss": rss,
+        "metrics": {},
+    }
+
+
+# --- results ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Answer:
+    first_visible_ms: float | None
+    final_ms: float | None
+    calls: int
+    drafts: int
+    edits: int
+    rejected: int  # calls the fake answered with an error (429 ...)
+    min_gap_ms: float | None  # shortest time between two streamed updates of the chat
+
+
+def _answers(updates: list[Upd], calls: list[dict[str, Any]]) -> dict[int, Answer]:
+    by_chat: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for c in calls:
+        if c["chat_id"] is not None:
+            by_chat[c["chat_id"]].append(c)
+    out: dict[int, Answer] = {}
+    for u in updates:
+        mine = sorted(by_chat.get(u.chat_id, []), key=lambda c: c["at"])
+        ok = [c for c in mine if c["status"] == 200]
+        visible = [c for c in ok if c["method"] in ("sendmessagedraft", "sendmessage")]
+        # Private: the sendMessage after the drafts. Group: the message's last edit.
+        shown = ("sendmessage", "editmessagetext") if u.group else ("sendmessage",)
+        finals = [c for c in ok if c["method"] in shown]
+        final_at = finals[-1]["at"] if finals else None
+        streamed = [c["at"] for c in ok if c["method"] in ("sendmessagedraft", "editmessagetext")]
+        gaps = [b - a for a, b in itertools.pairwise(streamed)]
+        out[u.index] = Answer(
+            first_visible_ms=(visible[0]["at"] - u.sent) * 1000 if visible else None,
+            final_ms=(final_at - u.sent) * 1000 if final_at is not None else None,
+            calls=len(mine),
+            drafts=sum(1 for c in ok if c["method"] == "sendmessagedraft"),
+            edits=sum(1 for c in ok if c["method"] == "editmessagetext"),
+            rejected=sum(1 for c in mine if c["status"] != 200),
+            min_gap_ms=min(gaps) * 1000 if gaps else None,
+        )
+    return out
+
+
+def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
+    updates: list[Upd] = m["updates"]
+    answers = _answers(updates, m["calls"])
+    times = m["times"]
+    acked = [u for u in updates if u.status == 200]
+    ack_ms = [(u.acked - u.sent) * 1000 for u in acked if u.acked is not None]
+    out: dict[str, Any] = {}
+    for kind, group in (("private", False), ("group", True)):
+        mine = [answers[u.index] for u in acked if u.group == group]
+        if not mine:
+            continue
+        done = [a for a in mine if a.final_ms is not None]
+        out[kind] = {
+            "updates": len(mine),
+            "answered": len(done),
+            "latency_ms": {
+                "first_visible": common.summarize(
+                    [a.first_visible_ms for a in done if a.first_visible_ms is not None]
+                ),
+                "final": common.summarize([a.final_ms for a in done if a.final_ms is not None]),
+            },
+            "bot_api_calls_per_answer": common.summarize([a.calls for a in done], 2),
+            "drafts_per_answer": common.summarize([a.drafts for a in done], 2),
+            "edits_per_answer": common.summarize([a.edits for a in done], 2),
+            "rejected_calls": sum(a.rejected for a in mine),
+            "min_gap_between_streamed_updates_ms": min(
+                (a.min_gap_ms for a in done if a.min_gap_ms is not None), default=None
+            ),
+        }
+    baseline = common.summarize(m["baseline"])
+    first = out.get("private", {}).get("latency_ms", {}).get("first_visible", {})
+    overhead: dict[str, float | None] = {}
+    for p in ("p50", "p99"):
+        a, b = first.get(p), baseline.get(p)
+        overhead[p] = round(float(a) - float(b), 2) if a is not None and b is not None else None
+    window = args.duration
+    cpu, rss = m["cpu"], m["rss"]
+    wall = times["end"] - times["start"]
+    problems: list[str] = []
+    errors = [u for u in updates if u.status != 200]
+    if errors:
+        problems.append(f"{len(errors)} updates not acknowledged with 200")
+    for kind, x in out.items():
+        if x["answered"] < x["updates"]:
+            problems.append(f"{x['updates'] - x['answered']} {kind} updates unanswered")
+    if m["violations"]:
+        problems.append(f"{len(m['violations'])} calls during a 429 pause")
+    return {
+        "scenario": NAME,
+        "created_at": common.now_iso(),
+        "parameters": {
+            "rate": args.rate,
+            "duration_s": args.duration,
+            "sim_first_token_ms": args.sim_first_token_ms,
+            "sim_tps": args.sim_tps,
+            "reply_tokens": args.reply_tokens,
+            "draft_updates_per_second": args.draft_rate,
+            "edit_interval_seconds": args.edit_interval,
+            "groups": args.groups,
+            "flood_limit_per_chat_per_second": args.flood_limit,
+            "mode": args.mode,
+            "db": args.db if args.mode == "full" else None,
+            "arrival": args.arrival,
+            "seed": args.seed,
+            "tag": args.tag,
+        },
+        "environment": common.environment(),
+        "updates_sent": len(updates),
+        "updates_per_s_sent": round(len(updates) / window, 2),
+        "updates_acked": len(acked),
+        "webhook_response_ms": common.summarize(ack_ms),
+        "chats": out,
+        "simulator_baseline_ms": {"first_token": baseline, "failures": m["baseline_failures"]},
+        "service_overhead_first_visible_ms": overhead,
+        "target": {
+            "p99_first_visible_overhead_ms_max": TARGET_OVERHEAD_P99_MS,
+            "met": overhead["p99"] is not None and overhead["p99"] <= TARGET_OVERHEAD_P99_MS,
+        },
+        "cpu": {
+            "window_s": round(wall, 2),
+            **{f"{n}_core_share": round(v / wall, 3) for n, v in cpu.items()},
+        },
+        "memory_mb": {f"{n}_peak_rss": rss.peak_mb(n) for n in cpu},
+        "violations": m["violations"][:20],
+        "service_metrics": {
+            k: v for k, v in m["metrics"].items() if "telegram" in k or "replies" in k
+        },
+        "service_log": m["service_log"],
+        "ok": not problems,
+        "problems": problems,
+    }
+
+
+def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
+    plt = common.pyplot()
+    answers = _answers(m["updates"], m["calls"])
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    ax = axes[0]
+    series = {
+        "simulator first token (direct)": m["baseline"],
+        "first visible text": [
+            a.first_visible_ms for a in answers.values() if a.first_visible_ms is not None
+        ],
+        "final message": [a.final_ms for a in answers.values() if a.final_ms is not None],
+    }
+    for label, values in series.items():
+        ps, vs = common.percentile_curve(values)
+        if ps:
+            ax.plot([100 - x for x in ps[:-1]], vs[:-1], label=f"{label} (n={len(values)})")
+    ax.set_xscale("log")
+    ax.set_xlim(100, 0.1)
+    ticks = [100, 50, 10, 1, 0.1]
+    ax.set_xticks(ticks, [f"p{100 - t:g}" for t in ticks])
+    ax.set_ylabel("ms after the Update was posted")
+    ax.set_title("latency by percentile")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    calls = [a.calls for a in answers.values() if a.final_ms is not None]
+    if calls:
+        ax.hist(calls, bins=range(min(calls), max(calls) + 2), align="left")
+    ax.set_xlabel("Bot API calls per answer")
+    ax.set_ylabel("answers")
+    ax.set_title("Bot API calls per answer")
+    p = result["parameters"]
+    fig.suptitle(
+        f"swarmdesk telegram: {p['rate']:g} updates/s for {p['duration_s']:g} s; sim "
+        f"{p['sim_first_token_ms']:g} ms + {p['reply_tokens']} tokens at {p['sim_tps']:g}/s; "
+        f"drafts {p['draft_updates_per_second']:g}/s"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _row(label: str, s: dict[str, Any]) -> str:
+    cells = "".join(f"{common.fmt_ms(s.get(k)):>9}" for k in ("p50", "p90", "p99", "max"))
+    return f"  {label:<34}{cells}{s.get('count', 0):>8}"
+
+
+def _summary(r: dict[str, Any], files: list[Path]) -> str:
+    p = r["parameters"]
+    alone = p["mode"] == "channel"
+    secs = p["sim_first_token_ms"] / 1000 + p["reply_tokens"] / p["sim_tps"]
+    what = "the Telegram channel alone, scripted model, no storage" if alone else p["db"]
+    lines = [
+        "",
+        f"== swarmdesk bench telegram: {p['rate']:g} updates/s requested for "
+        f"{p['duration_s']:g} s ({p['arrival']}), {what}, groups {p['groups']:.0%} ==",
+        f"model: {p['sim_first_token_ms']:g} ms to first token, {p['reply_tokens']} tokens at "
+        f"{p['sim_tps']:g}/s (~{secs:.1f} s answers); drafts <= "
+        f"{p['draft_updates_per_second']:g}/s, edits every >= {p['edit_interval_seconds']:g} s",
+        f"updates sent {r['updates_sent']} ({r['updates_per_s_sent']:g}/s), acknowledged "
+        f"{r['updates_acked']}",
+        "",
+        f"  {'latency, ms from the Update posted':<34}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}"
+        f"{'n':>8}",
+        _row("webhook 200", r["webhook_response_ms"]),
+    ]
+    for kind, x in r["chats"].items():
+        lines.append(_row(f"{kind}: first visible text", x["latency_ms"]["first_visible"]))
+        lines.append(_row(f"{kind}: final message", x["latency_ms"]["final"]))
+    base = "model first token (scripted)" if alone else "simulator first token (direct)"
+    lines.append(_row(base, r["simulator_baseline_ms"]["first_token"]))
+    lines.append("")
+    for kind, x in r["chats"].items():
+        c, d, e = x["bot_api_calls_per_answer"], x["drafts_per_answer"], x["edits_per_answer"]
+        gap = x["min_gap_between_streamed_updates_ms"]
+        lines.append(
+            f"{kind}: answered {x['answered']}/{x['updates']}; Bot API calls per answer mean "
+            f"{c['mean']}, p99 {c['p99']}, max {c['max']} (drafts mean {d['mean']}, edits "
+            f"mean {e['mean']}); shortest gap between streamed updates of one chat "
+            f"{common.fmt_ms(gap)} ms; calls refused by the fake {x['rejected_calls']}"
+        )
+    over, target = r["service_overhead_first_visible_ms"], r["target"]
+    lines.append(
+        f"{'channel' if alone else 'service'} overhead at first visible text: p50 "
+        f"{common.fmt_ms(over['p50'])} ms, p99 "
+        f"{common.fmt_ms(over['p99'])} ms (target p99 <= "
+        f"{target['p99_first_visible_overhead_ms_max']:g} ms: "
+        f"{'met' if target['met'] else 'NOT met'})"
+    )
+    cpu, mem = r["cpu"], r["memory_mb"]
+    lines.append(
+        "CPU (share of one core): "
+        + ", ".join(
+            f"{k.removesuffix('_core_share')} {v:.0%}" for k, v in cpu.items() if k != "window_s"
+        )
+        + "; RSS peak "
+        + ", ".join(f"{k.removesuffix('_peak_rss')} {v:g} MB" for k, v in mem.items())
+    )
+    log = r["service_log"]
+    if log["counts"]:
+        lines.append(
+            "service log: " + ", ".join(f"{k} x{v}" for k, v in list(log["counts"].items())[:6])
+        )
+    if r["problems"]:
+        lines.append("PROBLEMS: " + "; ".join(r["problems"]))
+    lines.append("results: " + ", ".join(str(f) for f in files))
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Server-Sent Events writer for conversation streams (the HTTP API's stream and the widget's
+fallback): frames carry the resume token as their id, so a reconnecting EventSource resumes
+with Last-Event-ID where it stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from channels.base import ChannelHost, ConversationEvent
+from channels.replay import follow
+from channels.stream_cursor import StreamCursor
+
+HEARTBEAT_S = 15.0
+
+
+def frame(event: ConversationEvent, cursor: StreamCursor) -> bytes:
+    data = dict(event.data)
+    data["seq"] = event.seq
+    if event.index is not None:
+        data["index"] = event.index
+    payload = json.dumps(data, ensure_ascii=False)
+    return f"id: {cursor.token()}\nevent: {event.type}\ndata: {payload}\n\n".encode()
+
+
+def resume_token(request: web.Request) -> str | None:
+    """Where the client left off: Last-Event-ID (header or query), else `?after=SEQ`."""
+    token = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    after = request.query.get("after")
+    if not token and after is not None and after.lstrip("-").isdigit():
+        token = str(max(0, int(after)))
+    return token
+
+
+async def stream_events(
+    request: web.Request,
+    host: ChannelHost,
+    conversation_id: int,
+    cursor: StreamCursor,
+    *,
+    headers: Mapping[str, str] | None = None,
+    preamble: bytes = b"",
+) -> web.StreamResponse:
+    """Write the conversation's events from `cursor` on, until either end goes away."""
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx: don't buffer the stream
+            **(headers or {}),
+        }
+    )
+    await resp.prepare(request)
+    try:
+        await resp.write(b"retry: 2000\n\n" + preamble)
+        events = follow(host, conversation_id, cursor, heartbeat_s=HEARTBEAT_S)
+        async with contextlib.aclosing(events):
+            async for ev in events:
+                if ev is None:
+                    await resp.write(b": keep-alive\n\n")
+                else:
+                    await resp.write(frame(ev, cursor))
+    except (ConnectionResetError, ConnectionError):
+        pass
+    return resp

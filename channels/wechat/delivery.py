@@ -1,0 +1,86 @@
+"""Sending a text through a WeChat message API in pieces, and what the platform's refusals mean.
+
+A piece the platform calls too long (45002; e.g. its count differs from ours) is split in
+half and retried. A closed 48-hour window (45015) or a spent quota (45047) is final: the
+rest of the answer is undeliverable and the pipeline asks a person to follow up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from channels.base import Delivery
+from channels.wechat.api import (
+    OUT_OF_WINDOW,
+    QUOTA,
+    TOO_LONG,
+    WechatApiError,
+    WechatTransportError,
+)
+from channels.wechat.chunks import split_text, utf8_len
+
+log = structlog.get_logger(__name__)
+
+MAX_BYTES = 2048  # text messages of the customer-service API and of WeCom message/send
+
+SendOne = Callable[[str], Awaitable[str]]
+
+_UNDELIVERABLE = {
+    OUT_OF_WINDOW: "the shopper last wrote more than 48 hours ago, so WeChat refuses "
+    "customer-service messages (errcode 45015); a person must follow up another way",
+    QUOTA: "WeChat's quota of customer-service messages since the shopper last wrote is "
+    "spent (errcode 45047); the rest can be sent once they write again",
+    81013: "the recipient is not a member of this WeCom application (errcode 81013)",
+}
+
+
+class _Refused(Exception):
+    def __init__(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+
+
+async def send_pieces(
+    send_one: SendOne,
+    text: str,
+    *,
+    limit: int = MAX_BYTES,
+    sent: list[str] | None = None,
+) -> Delivery:
+    """Send `text` in sentence-aligned pieces of at most `limit` bytes, in order.
+
+    `sent` collects the platform ids of the pieces that went out (also on failure)."""
+    ids: list[str] = [] if sent is None else sent
+    try:
+        for piece in split_text(text, limit):
+            if piece.isspace():
+                continue  # invisible, and WeChat refuses empty content
+            await _send(send_one, piece, ids, depth=0)
+    except _Refused as r:
+        r.delivery.platform_message_ids = list(ids)
+        return r.delivery
+    return Delivery(platform_message_ids=list(ids))
+
+
+async def _send(send_one: SendOne, piece: str, ids: list[str], depth: int) -> None:
+    try:
+        ids.append(await send_one(piece) or f"piece-{len(ids) + 1}")
+        return
+    except WechatApiError as e:
+        if e.errcode == TOO_LONG and depth < 3 and utf8_len(piece) > 64:
+            log.warning("wechat_piece_too_long", bytes=utf8_len(piece), depth=depth)
+            for half in split_text(piece, max(utf8_len(piece) // 2, 16)):
+                await _send(send_one, half, ids, depth + 1)
+            return
+        reason = _UNDELIVERABLE.get(e.errcode)
+        if reason is not None:
+            log.warning("wechat_undeliverable", errcode=e.errcode, errmsg=e.errmsg)
+            raise _Refused(Delivery(ok=False, undeliverable=True, detail=reason)) from e
+        log.error("wechat_send_failed", errcode=e.errcode, errmsg=e.errmsg)
+        raise _Refused(Delivery(ok=False, detail=str(e))) from e
+    except WechatTransportError as e:
+        # Not retried: WeChat may have shown it already; a duplicate is worse than a gap
+        # a person is told about (the message is marked failed).
+        log.error("wechat_send_uncertain", error=str(e))
+        raise _Refused(Delivery(ok=False, detail=str(e))) from e

@@ -1,0 +1,84 @@
+"""What the WeChat-family channels share at run time: the host, one HTTP client, background
+tasks that stop with the channel, and request-signature helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+import httpx
+from aiohttp import web
+
+from channels.base import Channel, ChannelHost
+from channels.http import ApiError
+
+A = TypeVar("A")
+
+
+class WechatChannelBase(Channel):
+    def __init__(self, max_body_bytes: int) -> None:
+        self.max_body_bytes = max_body_bytes
+        self._host: ChannelHost | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def host(self) -> ChannelHost:
+        if self._host is None:
+            raise RuntimeError(f"the {self.name} channel is not registered")
+        return self._host
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            raise RuntimeError(f"the {self.name} channel is not started")
+        return self._http
+
+    async def start(self) -> None:
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A background task that the channel cancels when it closes."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+def bind(
+    handler: Callable[[A, web.Request], Awaitable[web.StreamResponse]], account: A
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An aiohttp handler for one account."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        return await handler(account, request)
+
+    return route
+
+
+def signed_params(
+    query: Mapping[str, str], signature: str = "msg_signature"
+) -> tuple[str, str, str]:
+    """(signature, timestamp, nonce) of a callback, or a 403 ApiError if one is missing."""
+    sig, ts, nonce = query.get(signature), query.get("timestamp"), query.get("nonce")
+    if not (sig and ts and nonce):
+        raise ApiError(
+            403,
+            "invalid_signature",
+            f"{signature}, timestamp and nonce are required (the platform sends them on "
+            "every callback)",
+        )
+    return sig, ts, nonce

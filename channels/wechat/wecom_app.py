@@ -1,0 +1,190 @@
+"""A WeCom self-built application (自建应用): encrypted XML callbacks, answers by `message/send`.
+
+GET  <path>   URL verification: decrypt `echostr` (enterprise crypto) and echo it.
+POST <path>   a member's message or event, always encrypted; stored, then acknowledged with
+              an empty body at once. The answer goes out through `message/send` in pieces of
+              at most 2,048 bytes, at most `per_member_per_minute` messages a minute per member.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import structlog
+from aiohttp import web
+from aiolimiter import AsyncLimiter
+from wechatpy.enterprise.crypto import WeChatCrypto as EnterpriseCrypto
+from wechatpy.enterprise.exceptions import InvalidCorpIdException
+from wechatpy.enterprise.parser import parse_message
+from wechatpy.exceptions import InvalidSignatureException
+
+from channels.base import ConversationRef, Delivery, ReplySink, StoredMessage
+from channels.http import ApiError
+from channels.wechat.api import WecomApi
+from channels.wechat.chunks import complete_length, split_text, utf8_len
+from channels.wechat.config import WecomAppSettings
+from channels.wechat.delivery import MAX_BYTES, send_pieces
+from channels.wechat.inbound import normalize
+from channels.wechat.runtime import signed_params
+from channels.wechat.tokens import TokenStore
+from channels.wechat.xmlsafe import read_limited, safe_xml
+
+if TYPE_CHECKING:
+    from channels.wechat.runtime import WechatChannelBase
+
+log = structlog.get_logger(__name__)
+
+_MAX_LIMITERS = 10_000  # members with a rate-limit state kept in memory
+
+
+class WecomApp:
+    kind = "app"
+
+    def __init__(self, s: WecomAppSettings, api_base_url: str) -> None:
+        self.s = s
+        self.name = s.name
+        self.token = s.resolve_token()
+        aes = s.resolve_aes_key(required=True)
+        self.crypto = EnterpriseCrypto(self.token, aes, s.corp_id)
+        self.secret = s.resolve_secret()
+        self.api_base_url = s.api_base_url or api_base_url
+        self._api: WecomApi | None = None
+        self._limiters: OrderedDict[str, AsyncLimiter] = OrderedDict()
+
+    def start(self, ch: WechatChannelBase, store: TokenStore) -> None:
+        self._api = WecomApi(
+            ch.http,
+            self.api_base_url,
+            account=self.name,
+            corp_id=self.s.corp_id,
+            agent_id=self.s.agent_id,
+            secret=self.secret,
+            store=store,
+        )
+
+    @property
+    def api(self) -> WecomApi:
+        if self._api is None:
+            raise RuntimeError("the wecom channel is not started")
+        return self._api
+
+    # -- callbacks ---------------------------------------------------------------------------
+
+    async def verify(self, ch: WechatChannelBase, request: web.Request) -> web.Response:
+        sig, ts, nonce = signed_params(request.query)
+        echo = request.query.get("echostr")
+        if not echo:
+            raise ApiError(400, "missing_parameter", "echostr is required for URL verification")
+        try:
+            plain = self.crypto.check_signature(sig, ts, nonce, echo)
+        except InvalidSignatureException as e:
+            raise ApiError(403, "invalid_signature", "msg_signature does not match") from e
+        except InvalidCorpIdException as e:
+            raise ApiError(403, "wrong_corp_id", "echostr was made for another corp id") from e
+        except Exception as e:
+            raise ApiError(400, "cannot_decrypt", "cannot decrypt echostr; check the key") from e
+        return web.Response(text=str(plain))
+
+    async def receive(self, ch: WechatChannelBase, request: web.Request) -> web.Response:
+        sig, ts, nonce = signed_params(request.query)
+        body = await read_limited(request, ch.max_body_bytes)
+        _, envelope = safe_xml(body)
+        if not isinstance(envelope.get("Encrypt"), str):
+            raise ApiError(400, "invalid_message", "a WeCom callback needs an <Encrypt> element")
+        try:
+            inner = self.crypto.decrypt_message(envelope, sig, ts, nonce)
+        except InvalidSignatureException as e:
+            raise ApiError(403, "invalid_signature", "msg_signature does not match") from e
+        except InvalidCorpIdException as e:
+            raise ApiError(403, "wrong_corp_id", "the message is for another corp id") from e
+        except Exception as e:
+            raise ApiError(400, "cannot_decrypt", "cannot decrypt; check the key") from e
+        text, raw = safe_xml(str(inner).encode("utf-8"))
+        try:
+            msg = parse_message(text)
+            norm = normalize(
+                ch.name,
+                self.name,
+                msg,
+                raw,
+                media_text=self.s.media_text,
+                welcome_text=self.s.welcome_text,
+            )
+        except Exception as e:
+            raise ApiError(400, "invalid_message", f"not a WeCom message: {e!r}") from e
+        result = await ch.host.ingest(norm.message)
+        if norm.action in ("welcome", "media") and not result.duplicate:
+            said = self.s.welcome_text if norm.action == "welcome" else self.s.media_text
+            # message/send, off the request: WeCom wants the callback answered quickly.
+            ch.spawn(ch.host.send_message(result.conversation_id, said, sender="system"))
+        return web.Response(text="")  # empty: no passive reply, no retry
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _limiter(self, user: str) -> AsyncLimiter:
+        lim = self._limiters.get(user)
+        if lim is None:
+            lim = self._limiters[user] = AsyncLimiter(self.s.per_member_per_minute, 60)
+            while len(self._limiters) > _MAX_LIMITERS:
+                self._limiters.popitem(last=False)
+        else:
+            self._limiters.move_to_end(user)
+        return lim
+
+    async def send_one(self, user: str, piece: str) -> str:
+        async with self._limiter(user):  # waits rather than letting WeCom refuse
+            return await self.api.send_text(user, piece)
+
+    async def send_text(self, user: str, text: str, ids: list[str] | None = None) -> Delivery:
+        return await send_pieces(lambda piece: self.send_one(user, piece), text, sent=ids)
+
+    async def send(self, conversation: ConversationRef, text: str) -> Delivery:
+        return await self.send_text(conversation.chat_id, text)
+
+    def open_reply(self, conversation: ConversationRef, inbound: StoredMessage) -> ReplySink:
+        return _AppSink(self, conversation.chat_id)
+
+
+class _AppSink(ReplySink):
+    """Sends whole pieces as soon as they are complete, the rest when the answer is done."""
+
+    def __init__(self, app: WecomApp, user: str) -> None:
+        self._app = app
+        self._user = user
+        self._streamed = ""
+        self._sent = ""
+        self._unsent_bytes = 0
+        self._ids: list[str] = []
+        self._failure: Delivery | None = None
+
+    async def push(self, delta: str) -> None:
+        self._streamed += delta
+        self._unsent_bytes += utf8_len(delta)
+        if self._unsent_bytes <= MAX_BYTES or self._failure is not None:
+            return  # cheap path for almost every delta
+        if not self._streamed.startswith(self._sent):
+            return
+        unsent = self._streamed[len(self._sent) :]
+        pieces = split_text(unsent[: complete_length(unsent)], MAX_BYTES)
+        for piece in pieces[:-1]:
+            d = await self._app.send_text(self._user, piece, self._ids)
+            if not d.ok:
+                self._failure = d
+                return
+            self._sent += piece
+            self._unsent_bytes -= utf8_len(piece)
+
+    async def finish(self, final_text: str) -> Delivery:
+        if self._failure is not None:
+            return self._failure
+        rest = final_text
+        if self._sent:
+            if final_text.startswith(self._sent):
+                rest = final_text[len(self._sent) :]
+            else:
+                log.warning("wecom_final_differs_from_stream", account=self._app.name)
+        return await self._app.send_text(self._user, rest, self._ids)
+
+    async def fail(self, reason: str) -> None:
+        return None
