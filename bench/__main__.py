@@ -9,6 +9,7 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from bench.common import StartupError
 from bench.scenarios import SCENARIOS, load
 
 
@@ -42,8 +43,15 @@ async def _stop_on_sigterm(coro: Coroutine[Any, Any, int]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     scenario = load(args.scenario)
+    # Ctrl-C must stop the run cleanly even when SIGINT was inherited as ignored (a shell
+    # starts background jobs that way): asyncio.run then cancels the scenario, which stops
+    # its processes.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return asyncio.run(_stop_on_sigterm(scenario.run(args)))
+    except StartupError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("bench: interrupted; processes stopped", file=sys.stderr)
         return 130

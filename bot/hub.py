@@ -9,54 +9,94 @@ mid-answer gets the text so far.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 
 from channels.base import ConversationEvent
 
-_CLOSED = object()
+# How late a timer may run against the deadline it was set for (clock granularity).
+_TIMER_SLACK_S = 0.001
 
 
 class HubSubscription:
+    """A bounded queue of one subscriber's events.
+
+    Cheap on the hot path (one event per delta per subscriber): a deque and one waiter
+    future, and `get(timeout)` keeps a single timer armed across calls instead of setting
+    one up per call — a stream asks for its events with the same heartbeat timeout over
+    and over, and the timer only has to fire when the stream went quiet for that long.
+    """
+
     def __init__(self, hub: Hub, conversation_id: int | None, maxsize: int) -> None:
         self._hub = hub
         self.conversation_id = conversation_id
-        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize)
+        self._items: deque[ConversationEvent] = deque()
+        self._maxsize = maxsize
+        self._waiter: asyncio.Future[bool] | None = None  # result: True if timed out
+        self._deadline = 0.0  # loop time at which the waiting get() gives up
+        self._timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.overflowed = False
 
     def offer(self, event: ConversationEvent) -> None:
         if self.closed:
             return
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if len(self._items) >= self._maxsize:
             self.overflowed = True
             self.close()
+            return
+        self._items.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         self._hub._remove(self)
-        # Wake the reader even when the queue is full.
-        while True:
-            try:
-                self._queue.put_nowait(_CLOSED)
-                break
-            except asyncio.QueueFull:
-                self._queue.get_nowait()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)
+
+    def _expire(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waiting: the next waiting get() arms the timer again
+        loop = waiter.get_loop()
+        if loop.time() + _TIMER_SLACK_S >= self._deadline:
+            waiter.set_result(True)
+        else:  # events came meanwhile and moved the deadline on
+            self._timer = loop.call_at(self._deadline, self._expire)
 
     async def get(self, timeout: float | None = None) -> ConversationEvent | None:
-        """The next event; None when `timeout` passes first. Raises EOFError once closed."""
-        try:
-            item = await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
-        if item is _CLOSED:
-            raise EOFError
-        assert isinstance(item, ConversationEvent)
-        return item
+        """The next event; None when `timeout` passes first. Raises EOFError once closed
+        (after the events queued before)."""
+        while True:
+            if self._items:
+                return self._items.popleft()
+            if self.closed:
+                raise EOFError
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[bool] = loop.create_future()
+            if timeout is not None:
+                self._deadline = deadline = loop.time() + timeout
+                timer = self._timer
+                if timer is None or timer.when() > deadline:
+                    if timer is not None:
+                        timer.cancel()
+                    self._timer = loop.call_at(deadline, self._expire)
+            self._waiter = waiter
+            try:
+                timed_out = await waiter
+            finally:
+                self._waiter = None
+            if timed_out and not self._items:
+                return None
 
     async def __aiter__(self) -> AsyncIterator[ConversationEvent]:
         while True:
@@ -112,10 +152,13 @@ class Hub:
             cur = self._inflight.get(cid)
             if cur is not None and cur[0] == event.seq:
                 del self._inflight[cid]
-        for sub in list(self._subs.get(cid, ())):
-            sub.offer(event)
-        for sub in list(self._all):
-            sub.offer(event)
+        subs = self._subs.get(cid)
+        if subs:
+            for sub in tuple(subs):  # a copy: an overflowing subscriber removes itself
+                sub.offer(event)
+        if self._all:
+            for sub in tuple(self._all):
+                sub.offer(event)
 
     def close_all(self) -> None:
         """On shutdown: end every stream so the server can stop."""

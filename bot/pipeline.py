@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
+from functools import partial
 from typing import Any
 
 import structlog
@@ -28,24 +30,18 @@ from channels.base import (
     Delivery,
     InboundMessage,
     IngestResult,
+    NullSink,
+    ReplySink,
     StoredMessage,
     UnknownConversation,
 )
 from orchestration.config import ReplySettings
 from orchestration.events import CallRecord, ConversationInfo, Delta, Escalate, Final, Turn
 from orchestration.orchestrator import Orchestrator
-from storage import repository as repo
-from storage.models import (
-    Contact,
-    Conversation,
-    Direction,
-    HandoffEvent,
-    Message,
-    MessageStatus,
-    Owner,
-    Sender,
-    utcnow,
-)
+from storage import executor
+from storage import turns as store
+from storage.executor import Database
+from storage.models import Direction, MessageStatus, Sender, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -55,9 +51,12 @@ OUTBOUND_FINAL = {
     MessageStatus.FAILED.value,
     MessageStatus.UNDELIVERABLE.value,
 }
+# Inbound messages stored by ingest and not yet taken by the worker: what it would otherwise
+# read back. A bound, for work another replica takes (scale-out) and never pops here.
+_MAX_PENDING_VIEWS = 10_000
 
 
-def stored(m: Message) -> StoredMessage:
+def stored(m: store.StoredRow) -> StoredMessage:
     return StoredMessage(
         id=m.id,
         conversation_id=m.conversation_id,
@@ -77,7 +76,7 @@ def stored(m: Message) -> StoredMessage:
     )
 
 
-def ref(conv: Conversation) -> ConversationRef:
+def ref(conv: store.ConversationRow) -> ConversationRef:
     return ConversationRef(
         id=conv.id,
         channel=conv.channel,
@@ -107,8 +106,12 @@ class Pipeline:
         orchestrator: Orchestrator,
         channels: Mapping[str, Channel],
         reply: ReplySettings,
+        db: Database | None = None,
     ) -> None:
+        # `sessions` (the ORM on the async engine) is for tools and tests; the pipeline's
+        # own reads and writes are units on `db` (storage.executor: why).
         self.sessions = sessions
+        self.db = db if db is not None else executor.for_engine(sessions.kw["bind"])
         self.hub = hub
         self.queue = queue
         self.orchestrator = orchestrator
@@ -116,6 +119,11 @@ class Pipeline:
         self.reply_settings = reply
         # Two first messages of one new chat must not open two conversations.
         self._chat_locks = KeyedLocks()
+        self._pending_views: dict[int, StoredMessage] = {}
+
+    async def close(self) -> None:
+        """After the work queue drained: close the database threads."""
+        await self.db.close()
 
     # -- ChannelHost -------------------------------------------------------------------------
 
@@ -125,79 +133,71 @@ class Pipeline:
 
     async def ingest(self, message: InboundMessage) -> IngestResult:
         async with self._chat_locks.hold((message.channel, message.account, message.chat_id)):
-            result, event = await self._store_inbound(message)
-        if result.duplicate:
+            result, view = await self._store_inbound(message)
+        if view is None:
             metrics.DUPLICATES.labels(message.channel).inc()
             return result
         metrics.MESSAGES_IN.labels(message.channel).inc()
-        self.hub.publish(event)
+        self.hub.publish(view.event())
         if message.answer:
+            views = self._pending_views
+            if len(views) >= _MAX_PENDING_VIEWS:
+                del views[next(iter(views))]
+            views[view.id] = view
             await self.queue.put(result.conversation_id, result.message_id)
         return result
 
     async def _store_inbound(
         self, message: InboundMessage
-    ) -> tuple[IngestResult, ConversationEvent]:
+    ) -> tuple[IngestResult, StoredMessage | None]:
+        """The stored message, or (for a redelivery) the earlier one's ids and no view."""
+        target = store.InboundTarget(
+            message.channel,
+            message.account,
+            message.chat_id,
+            message.user_id,
+            message.user_name,
+            message.conversation_id,
+            message.contact_attributes,
+        )
+        new = store.NewMessage(
+            Direction.IN.value,
+            Sender.CONTACT.value,
+            (MessageStatus.RECEIVED if message.answer else MessageStatus.SKIPPED).value,
+            text=message.text,
+            kind=message.kind,
+            external_id=message.external_id,
+            attachments=message.attachments,
+            raw=message.raw,
+            sent_at=message.sent_at,
+        )
         try:
-            async with self.sessions() as s, s.begin():
-                if message.external_id is not None:
-                    old = await repo.find_by_external_id(
-                        s, message.channel, message.account, message.external_id
-                    )
-                    if old is not None:
-                        return await self._duplicate(s, old), stored(old).event()
-                contact = await repo.get_or_create_contact(
-                    s, message.channel, message.account, message.user_id, message.user_name
-                )
-                if message.contact_attributes:
-                    # The latest says who the contact is now (e.g. verified or anonymous).
-                    contact.attributes = {
-                        **(contact.attributes or {}),
-                        **message.contact_attributes,
-                    }
-                if message.conversation_id is not None:
-                    conv = await repo.get_conversation(s, message.conversation_id)
-                    if conv is None or conv.contact_id != contact.id:
-                        raise UnknownConversation(message.conversation_id)
-                else:
-                    conv = await repo.open_conversation(
-                        s, contact, message.channel, message.account, message.chat_id
-                    )
-                m = await repo.add_message(
-                    s,
-                    conv,
-                    direction=Direction.IN,
-                    sender=Sender.CONTACT,
-                    status=MessageStatus.RECEIVED if message.answer else MessageStatus.SKIPPED,
-                    text=message.text,
-                    kind=message.kind,
-                    external_id=message.external_id,
-                    attachments=message.attachments,
-                    raw=message.raw,
-                    sent_at=message.sent_at,
-                )
-                result = IngestResult(m.id, conv.id, contact.id, m.seq, duplicate=False)
-                return result, stored(m).event()
+            row, contact_id = await self.db.write(
+                partial(store.store_inbound, target=target, m=new)
+            )
+        except store.ConversationNotFound as e:
+            raise UnknownConversation(message.conversation_id) from e
         except IntegrityError:
-            # The same external id stored concurrently by another request: a redelivery.
-            assert message.external_id is not None
-            async with self.sessions() as s:
-                old = await repo.find_by_external_id(
-                    s, message.channel, message.account, message.external_id
+            # The external id is stored already (the unique key said so): a redelivery.
+            if message.external_id is None:
+                raise
+            old = await self.db.read(
+                partial(
+                    store.find_by_external_id,
+                    channel=message.channel,
+                    account=message.account,
+                    external_id=message.external_id,
                 )
-                if old is None:
-                    raise
-                return await self._duplicate(s, old), stored(old).event()
-
-    async def _duplicate(self, s: AsyncSession, old: Message) -> IngestResult:
-        conv = await repo.get_conversation(s, old.conversation_id)
-        assert conv is not None
-        return IngestResult(old.id, old.conversation_id, conv.contact_id, old.seq, duplicate=True)
+            )
+            if old is None:
+                raise
+            dup = IngestResult(old.message_id, old.conversation_id, old.contact_id, old.seq, True)
+            return dup, None
+        return IngestResult(row.id, row.conversation_id, contact_id, row.seq, False), stored(row)
 
     async def get_conversation(self, conversation_id: int) -> ConversationRef | None:
-        async with self.sessions() as s:
-            conv = await repo.get_conversation(s, conversation_id)
-            return ref(conv) if conv else None
+        conv = await self.db.read(partial(store.get_conversation, conversation_id=conversation_id))
+        return ref(conv) if conv else None
 
     async def list_messages(
         self,
@@ -208,20 +208,20 @@ class Pipeline:
         limit: int = 50,
         complete_only: bool = False,
     ) -> Sequence[StoredMessage]:
-        async with self.sessions() as s:
-            rows = await repo.list_messages(
-                s,
-                conversation_id,
+        rows = await self.db.read(
+            partial(
+                store.list_messages,
+                conversation_id=conversation_id,
                 after_seq=after_seq,
                 before_seq=before_seq,
                 limit=limit,
                 complete_only=complete_only,
             )
-            return [stored(m) for m in rows]
+        )
+        return [stored(m) for m in rows]
 
     async def resume_point(self, conversation_id: int) -> int:
-        async with self.sessions() as s:
-            return await repo.resume_point(s, conversation_id)
+        return await self.db.read(partial(store.resume_point, conversation_id=conversation_id))
 
     # -- the conversation worker -------------------------------------------------------------
 
@@ -234,58 +234,53 @@ class Pipeline:
             structlog.contextvars.unbind_contextvars("conversation_id")
 
     async def _handle(self, conversation_id: int, message_id: int) -> None:
-        async with self.sessions() as s, s.begin():
-            inbound = await s.get(Message, message_id)
-            conv = await repo.get_conversation(s, conversation_id)
-            if inbound is None or conv is None or inbound.status != MessageStatus.RECEIVED.value:
-                return  # answered already (a recovered duplicate of the queue entry)
-            if conv.owner != Owner.BOT.value:
-                inbound.status = MessageStatus.HUMAN.value
-                metrics.REPLIES.labels(conv.channel, "human").inc()
-                return
-            past = await repo.history(s, conversation_id, self.reply_settings.history_messages)
-            turns = [_turn(m) for m in past if m.seq < inbound.seq]
-            out = await repo.add_message(
-                s,
-                conv,
-                direction=Direction.OUT,
-                sender=Sender.BOT,
-                status=MessageStatus.STREAMING,
-                reply_to_id=inbound.id,
+        view = self._pending_views.pop(message_id, None)
+        begun = await self.db.write(
+            partial(
+                store.begin_answer,
+                conversation_id=conversation_id,
+                message_id=message_id,
+                history_limit=self.reply_settings.history_messages,
+                trusted_channels=_TRUSTED_CHANNELS,
+                with_inbound=view is None,
             )
-            conv_ref = ref(conv)
-            inbound_view = stored(inbound)
-            contact = await s.get(Contact, conv.contact_id)
-            info = ConversationInfo(
-                conv.id,
-                conv.channel,
-                conv.tier,
-                spent=conv.cost_total or 0.0,
-                verified=_verified(conv.channel, contact),
-                degraded_answers=sum(
-                    1
-                    for m in past
-                    if m.sender == Sender.BOT.value and (m.routing or {}).get("degraded")
-                ),
-            )
-            question = Turn("user", inbound.text)
-            out_id, seq = out.id, out.seq
+        )
+        if isinstance(begun, store.NotAnswering):
+            if begun.human_channel is not None:
+                metrics.REPLIES.labels(begun.human_channel, "human").inc()
+            return
+        if begun.inbound is not None:
+            view = stored(begun.inbound)
+        assert view is not None
+        conv_ref = ref(begun.conversation)
+        info = ConversationInfo(
+            conv_ref.id,
+            conv_ref.channel,
+            begun.tier,
+            spent=begun.cost_total,
+            verified=_verified(conv_ref.channel, begun.contact_attributes),
+            degraded_answers=sum(
+                1 for m in begun.history if m.sender == Sender.BOT.value and m.degraded
+            ),
+        )
+        history = [_turn(m) for m in begun.history]
+        question = Turn("user", begun.question.text)
+        out_id, seq = begun.out_id, begun.seq
 
         channel = self.channels[conv_ref.channel]
-        sink = channel.open_reply(conv_ref, inbound_view)
+        sink = channel.open_reply(conv_ref, view)
         started = time.monotonic()
         metrics.IN_FLIGHT.inc()
         try:
-            reply, calls = await self._stream(conv_ref, seq, sink, info, turns, question, started)
-        except BaseException:
+            reply, calls = await self._stream(conv_ref, seq, sink, info, history, question, started)
+        finally:
             metrics.IN_FLIGHT.dec()
-            raise
-        metrics.IN_FLIGHT.dec()
         await self._finish(
             conv_ref,
             inbound_id=message_id,
             out_id=out_id,
             seq=seq,
+            created_at=begun.out_created_at,
             reply=reply,
             calls=calls,
             started=started,
@@ -339,57 +334,48 @@ class Pipeline:
         inbound_id: int,
         out_id: int,
         seq: int,
+        created_at: datetime,
         reply: _Reply,
         calls: list[CallRecord],
         started: float,
-        sink: Any,
+        sink: ReplySink,
     ) -> None:
         final = reply.final
         assert final is not None
-        async with self.sessions() as s, s.begin():
-            conv = await repo.get_conversation(s, conv_ref.id)
-            out = await s.get(Message, out_id)
-            inbound = await s.get(Message, inbound_id)
-            assert conv is not None and out is not None and inbound is not None
-            for c in calls:
-                repo.add_llm_call(
-                    s, conversation_id=conv.id, message_id=inbound_id, **_call_fields(c)
-                )
-            conv.cost_total = (conv.cost_total or 0.0) + sum(c.cost for c in calls)
-            if conv.owner != Owner.BOT.value:
-                # A human took over while the bot was writing: never talk over them.
-                out.status = MessageStatus.ABANDONED.value
-                out.text = final.text
-                out.completed_at = utcnow()
-                inbound.status = MessageStatus.HUMAN.value
-                abandoned = stored(out)
-            else:
-                abandoned = None
-                out.text = final.text
-                out.status = MessageStatus.PENDING.value
-                out.model = f"{final.provider}/{final.model}" if final.model else None
-                out.tier = final.tier
-                out.input_tokens = sum(c.input_tokens for c in calls)
-                out.output_tokens = sum(c.output_tokens for c in calls)
-                out.cost = sum(c.cost for c in calls)
-                out.first_delta_ms = (
-                    round(reply.first_delta_s * 1000, 2) if reply.first_delta_s else None
-                )
-                out.latency_ms = round((time.monotonic() - started) * 1000, 2)
-                out.routing = final.routing or None
-                inbound.routing = final.routing or None
-                if final.tier:
-                    conv.tier = final.tier  # sticky: routing starts from it next turn
-                out.completed_at = utcnow()
-                inbound.status = MessageStatus.ANSWERED.value
-            final_msg = stored(out)
+        # A sink that delivers nothing (its clients read the event bus): storing the answer
+        # is its delivery, recorded in the same transaction.
+        delivered = _delivers_nothing(sink)
+        row = await self.db.write(
+            partial(
+                store.finish_answer,
+                a=store.FinalAnswer(
+                    conversation_id=conv_ref.id,
+                    inbound_id=inbound_id,
+                    out_id=out_id,
+                    out_seq=seq,
+                    out_created_at=created_at,
+                    text=final.text,
+                    calls=[_call_fields(c) for c in calls],
+                    model=f"{final.provider}/{final.model}" if final.model else None,
+                    tier=final.tier,
+                    first_delta_ms=(
+                        round(reply.first_delta_s * 1000, 2) if reply.first_delta_s else None
+                    ),
+                    latency_ms=round((time.monotonic() - started) * 1000, 2),
+                    routing=final.routing or None,
+                    delivered=delivered,
+                ),
+            )
+        )
         for c in calls:
             metrics.LLM_CALLS.labels(c.provider, c.model, c.outcome).inc()
             metrics.LLM_TOKENS.labels(c.provider, c.model, "input").inc(c.input_tokens)
             metrics.LLM_TOKENS.labels(c.provider, c.model, "output").inc(c.output_tokens)
             metrics.LLM_COST.labels(c.provider, c.model).inc(c.cost)
-        if abandoned is not None:
-            self.hub.publish(abandoned.event())
+        final_msg = stored(row)
+        if row.status == MessageStatus.ABANDONED.value:
+            # A human took over while the bot was writing: never talk over them.
+            self.hub.publish(final_msg.event())
             await sink.fail("human took over")
             metrics.REPLIES.labels(conv_ref.channel, "abandoned").inc()
             return
@@ -400,26 +386,32 @@ class Pipeline:
         self.hub.publish(final_msg.event())
         metrics.REPLY_TIME.labels(conv_ref.channel).observe(time.monotonic() - started)
         metrics.REPLIES.labels(conv_ref.channel, "degraded" if final.degraded else "model").inc()
-        await self._deliver(out_id, lambda: sink.finish(final.text))
+        if not delivered:
+            await self._deliver(out_id, conv_ref.id, lambda: sink.finish(final.text))
 
-    async def _deliver(self, out_id: int, send: Any) -> Delivery:
+    async def _deliver(
+        self, out_id: int, conversation_id: int, send: Callable[[], Awaitable[Delivery]]
+    ) -> Delivery:
         """Hand the final text to the channel and record what the platform said."""
         try:
-            delivery: Delivery = await send()
+            delivery = await send()
         except Exception as e:
             log.exception("delivery_failed", message_id=out_id)
             delivery = Delivery(ok=False, detail=repr(e))
-        async with self.sessions() as s, s.begin():
-            out = await s.get(Message, out_id)
-            assert out is not None
-            if delivery.ok:
-                out.status = MessageStatus.SENT.value
-            elif delivery.undeliverable:
-                out.status = MessageStatus.UNDELIVERABLE.value
-            else:
-                out.status = MessageStatus.FAILED.value
-            out.platform_message_ids = delivery.platform_message_ids
-            conversation_id = out.conversation_id
+        if delivery.ok:
+            status = MessageStatus.SENT
+        elif delivery.undeliverable:
+            status = MessageStatus.UNDELIVERABLE
+        else:
+            status = MessageStatus.FAILED
+        await self.db.write(
+            partial(
+                store.record_delivery,
+                message_id=out_id,
+                status=status.value,
+                platform_message_ids=delivery.platform_message_ids,
+            )
+        )
         if delivery.undeliverable:
             # The platform will not take it (e.g. WeChat's 48-hour window): a person follows up.
             await self.request_handoff(conversation_id, "undeliverable", delivery.detail)
@@ -433,24 +425,26 @@ class Pipeline:
         sender: str = "system",
         agent_id: int | None = None,
     ) -> StoredMessage:
-        async with self.sessions() as s, s.begin():
-            conv = await repo.get_conversation(s, conversation_id)
-            if conv is None:
-                raise UnknownConversation(conversation_id)
-            m = await repo.add_message(
-                s,
-                conv,
-                direction=Direction.OUT,
-                sender=Sender(sender),
-                status=MessageStatus.PENDING,
-                text=text,
-                agent_id=agent_id,
+        new = store.NewMessage(
+            Direction.OUT.value,
+            Sender(sender).value,
+            MessageStatus.PENDING.value,
+            text=text,
+            agent_id=agent_id,
+            completed_at=utcnow(),
+        )
+        try:
+            conv, row = await self.db.write(
+                partial(store.add_outbound, conversation_id=conversation_id, m=new)
             )
-            m.completed_at = utcnow()
-            conv_ref, view = ref(conv), stored(m)
+        except store.ConversationNotFound as e:
+            raise UnknownConversation(conversation_id) from e
+        conv_ref, view = ref(conv), stored(row)
         self.hub.publish(view.event())
         channel = self.channels[conv_ref.channel]
-        delivery = await self._deliver(view.id, lambda: channel.send(conv_ref, text, sender=sender))
+        delivery = await self._deliver(
+            view.id, conversation_id, lambda: channel.send(conv_ref, text, sender=sender)
+        )
         status = (
             MessageStatus.SENT
             if delivery.ok
@@ -469,35 +463,33 @@ class Pipeline:
         detail: str = "",
         card: dict[str, Any] | None = None,
     ) -> bool:
-        async with self.sessions() as s, s.begin():
-            conv = await repo.get_conversation(s, conversation_id)
-            if conv is None or conv.owner != Owner.BOT.value:
-                return False
-            s.add(
-                HandoffEvent(
-                    conversation_id=conv.id,
-                    from_owner=conv.owner,
-                    to_owner=Owner.HANDOFF_REQUESTED.value,
-                    reason=reason,
-                    card={**(card or {}), "detail": detail} if detail or card else None,
-                )
+        handed = await self.db.write(
+            partial(
+                store.request_handoff,
+                conversation_id=conversation_id,
+                reason=reason,
+                card={**(card or {}), "detail": detail} if detail or card else None,
             )
-            conv.owner = Owner.HANDOFF_REQUESTED.value
-        log.info("handoff_requested", conversation_id=conversation_id, reason=reason)
-        return True
+        )
+        if handed:
+            log.info("handoff_requested", conversation_id=conversation_id, reason=reason)
+        return handed
 
     async def record_edit(self, channel: str, account: str, external_id: str, text: str) -> bool:
-        async with self.sessions() as s, s.begin():
-            m = await repo.find_by_external_id(s, channel, account, external_id)
-            if m is None:
-                return False
-            raw = dict(m.raw or {})
-            raw.setdefault("edits", []).append(
-                {"previous_text": m.text, "at": utcnow().isoformat()}
+        row = await self.db.write(
+            partial(
+                store.record_edit,
+                channel=channel,
+                account=account,
+                external_id=external_id,
+                text=text,
             )
-            m.raw = raw
-            m.text = text
-            view = stored(m)
+        )
+        if row is None:
+            return False
+        view = stored(row)
+        if view.id in self._pending_views:
+            self._pending_views[view.id] = view  # not answered yet: the worker sees the edit
         self.hub.publish(
             ConversationEvent(
                 view.conversation_id, "message", view.seq, None, {**view.as_json(), "edited": True}
@@ -509,27 +501,26 @@ class Pipeline:
 
     async def recover(self) -> dict[str, int]:
         """After a crash or restart: drop cut answers, deliver stored ones, answer the rest."""
-        async with self.sessions() as s, s.begin():
-            abandoned = [stored(m) for m in await repo.abandon_streaming(s)]
-            pending = [
-                (m.id, m.conversation_id, m.text) for m in await repo.undelivered_outbound(s)
-            ]
-            todo = await repo.unanswered_inbound(s)
-        for m in abandoned:
-            self.hub.publish(m.event())
-        for out_id, conversation_id, text in pending:
-            conv = await self.get_conversation(conversation_id)
+        found = await self.db.write(store.recover)
+        for m in found.abandoned:
+            self.hub.publish(stored(m).event())
+        for m in found.undelivered:
+            conv = await self.get_conversation(m.conversation_id)
             if conv is None:
                 continue
             channel = self.channels.get(conv.channel)
             if channel is None:
                 continue
             await self._deliver(
-                out_id, lambda c=channel, r=conv, t=text: c.send(r, t, sender="bot")
+                m.id, m.conversation_id, partial(channel.send, conv, m.text, sender="bot")
             )
-        for item in todo:
-            await self.queue.put(item.conversation_id, item.message_id)
-        counts = {"abandoned": len(abandoned), "redelivered": len(pending), "requeued": len(todo)}
+        for conversation_id, message_id in found.unanswered:
+            await self.queue.put(conversation_id, message_id)
+        counts = {
+            "abandoned": len(found.abandoned),
+            "redelivered": len(found.undelivered),
+            "requeued": len(found.unanswered),
+        }
         if any(counts.values()):
             log.info("recovered", **counts)
         return counts
@@ -539,14 +530,18 @@ class Pipeline:
 _TRUSTED_CHANNELS = frozenset({"api"})
 
 
-def _verified(channel: str, contact: Contact | None) -> bool:
+def _verified(channel: str, contact_attributes: dict[str, Any] | None) -> bool:
     """Whether order tools may be used: the shop vouched for who this shopper is."""
     if channel in _TRUSTED_CHANNELS:
         return True
-    return bool(contact is not None and (contact.attributes or {}).get("verified"))
+    return bool((contact_attributes or {}).get("verified"))
 
 
-def _turn(m: Message) -> Turn:
+def _delivers_nothing(sink: ReplySink) -> bool:
+    return type(sink).finish is NullSink.finish
+
+
+def _turn(m: store.HistoryRow) -> Turn:
     role = "user" if m.direction == Direction.IN.value else "assistant"
     return Turn(role, m.text, m.sender)
 

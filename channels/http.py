@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -38,8 +39,8 @@ async def read_body(request: web.Request) -> bytes:
         ) from e
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    body = await read_body(request)
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """A JSON object, or a 400 ApiError that says what is wrong with it."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -47,3 +48,25 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
     return data
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    return parse_json_object(await read_body(request))
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error a client can get is JSON: {"error": code, "detail": ...}."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return e.response()
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, "body_too_large", "the body is larger than the server accepts")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = e.reason.lower().replace(" ", "_")
+        return error_response(e.status, code, e.text or e.reason)

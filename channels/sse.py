@@ -15,14 +15,23 @@ from channels.replay import follow
 from channels.stream_cursor import StreamCursor
 
 HEARTBEAT_S = 15.0
+# What json.dumps(..., ensure_ascii=False) does to a string.
+_json_str = json.encoder.encode_basestring
 
 
 def frame(event: ConversationEvent, cursor: StreamCursor) -> bytes:
-    data = dict(event.data)
-    data["seq"] = event.seq
-    if event.index is not None:
-        data["index"] = event.index
-    payload = json.dumps(data, ensure_ascii=False)
+    data = event.data
+    if event.index is not None and len(data) == 1 and type(data.get("text")) is str:
+        # A plain delta (the bulk of a stream): the same JSON as below, built directly.
+        payload = (
+            f'{{"text": {_json_str(data["text"])}, "seq": {event.seq}, "index": {event.index}}}'
+        )
+    else:
+        full = dict(data)
+        full["seq"] = event.seq
+        if event.index is not None:
+            full["index"] = event.index
+        payload = json.dumps(full, ensure_ascii=False)
     return f"id: {cursor.token()}\nevent: {event.type}\ndata: {payload}\n\n".encode()
 
 

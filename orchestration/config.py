@@ -33,7 +33,9 @@ class ProviderSettings(_Section):
     )
     timeout_seconds: float = Field(60.0, gt=0)
     first_token_timeout_seconds: float = Field(20.0, gt=0)
-    max_concurrency: int = Field(32, ge=1)
+    max_concurrency: int = Field(
+        256, ge=1, description="open connections (= calls in flight) to this provider"
+    )
     models: list[ModelSettings] = Field(min_length=1)
 
     @field_validator("base_url")

@@ -31,6 +31,9 @@ from orchestration.resilience import Guards
 
 log = structlog.get_logger(__name__)
 
+# Put in an attempt's queue when the deadline its consumer waits for has passed.
+_EXPIRED = object()
+
 CONTINUE_PROMPT = (
     "Your previous reply was cut off. Continue it from exactly where it stopped, without "
     "repeating anything."
@@ -70,9 +73,12 @@ class _Attempt:
             max_tokens=entry.max_tokens or spec.max_tokens,
             extra=spec.extra,
         )
-        self.queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[str | BaseException | object | None] = asyncio.Queue()
         self.task = asyncio.create_task(self._produce())
         self.started = time.monotonic()
+        # One timer per deadline, not one per delta: it drops _EXPIRED into the queue.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline = 0.0
 
     async def _produce(self) -> None:
         try:
@@ -86,20 +92,45 @@ class _Attempt:
         except BaseException as e:  # handed to the consumer, which raises it
             self.queue.put_nowait(e)
 
+    def _arm(self, deadline: float) -> None:
+        if self._timer is not None:
+            if self._timer_deadline == deadline:
+                return
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_deadline = deadline
+        self._timer = loop.call_at(loop.time() + deadline - time.monotonic(), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        self.queue.put_nowait(_EXPIRED)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     async def next(self, deadline: float) -> str | None:
         """The next delta; None at the end. Raises LLMError (TIMEOUT at the deadline)."""
-        remaining = deadline - time.monotonic()
-        try:
-            item = await asyncio.wait_for(self.queue.get(), max(remaining, 0))
-        except TimeoutError as e:
-            raise LLMError(ErrorKind.TIMEOUT, "turn deadline", partial_text=self.stream.text) from e
+        while True:
+            if deadline - time.monotonic() <= 0:
+                raise LLMError(ErrorKind.TIMEOUT, "turn deadline", partial_text=self.stream.text)
+            if self.queue.empty():
+                self._arm(deadline)
+            item = await self.queue.get()
+            if item is not _EXPIRED:
+                break  # (an expiry is checked against the deadline at the top)
+        if item is None or isinstance(item, BaseException):
+            self._disarm()
         if isinstance(item, LLMError):
             raise item
         if isinstance(item, BaseException):
             raise LLMError(ErrorKind.CONNECTION, repr(item)) from item
+        assert item is None or isinstance(item, str)
         return item
 
     async def cancel(self) -> None:
+        self._disarm()
         if not self.task.done():
             self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)

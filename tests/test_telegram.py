@@ -301,6 +301,25 @@ async def test_flood_limits_are_honoured_with_a_fast_draft_rate(tg_factory: TgFa
     assert not tg.api.violations, "after a 429 the chat waited retry_after"
 
 
+async def test_blocked_bot_marks_the_answer_undeliverable_and_calls_a_person(tg: Tg) -> None:
+    chat = 5016
+    tg.api.fail_next(
+        "sendMessage",
+        chat_id=chat,
+        status=403,
+        description="Forbidden: bot was blocked by the user",
+    )
+    await tg.post(tg.updates.text(chat, "hello?"))
+
+    async def undeliverable() -> Message | None:
+        out = [m for m in await tg.stored(chat) if m.sender == "bot"]
+        return out[0] if out and out[0].status == "undeliverable" else None
+
+    await eventually(undeliverable)
+    assert (await tg.conversation(chat)).owner == "handoff_requested"
+    assert tg.api.sent(chat) == []
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ class Scenario(Protocol):
     async def run(self, args: argparse.Namespace) -> int: ...
 
 
-SCENARIOS = ("api", "wechat", "telegram", "widget")
+SCENARIOS = ("api", "wechat", "telegram", "widget", "orchestration")
 
 
 def load(name: str) -> Scenario:

@@ -22,6 +22,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -184,6 +185,7 @@ class Msg:
     error: str | None = None
     settled: bool = False
     waited_for_conversation: bool = False  # queued behind the POST that creates it
+    text: str = ""  # what was sent
 
     def ms(self, t: float | None) -> float | None:
         return None if t is None else (t - self.sent) * 1000.0
@@ -227,7 +229,10 @@ class ApiLoad:
         max_conversations: int | None,
         seed: int,
         degraded_texts: frozenset[str] = frozenset(),
+        message_text: Callable[[random.Random], str] | None = None,
     ) -> None:
+        # Draws each message's text (default: one of QUESTIONS).
+        self.message_text = message_text
         self.degraded_texts = degraded_texts
         self.http = http
         self.base = base_url
@@ -302,9 +307,14 @@ class ApiLoad:
                 self.counters["post_errors"] += 1
                 self._settle(msg)
                 return
+        msg.text = (
+            self.message_text(self.rng)
+            if self.message_text is not None
+            else self.rng.choice(QUESTIONS)
+        )
         body: dict[str, Any] = {
             "contact_id": conv.contact,
-            "text": self.rng.choice(QUESTIONS),
+            "text": msg.text,
             "client_message_id": f"{self.tag}-{msg.index}{'w' if msg.warmup else ''}",
         }
         if conv.id is not None:

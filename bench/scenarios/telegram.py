@@ -97,6 +97,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-requests", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10, help="unmeasured updates before the load")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="wait for late answers")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before the load, wait up to this long for other processes to go quiet",
+    )
     p.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS, help="results directory")
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument(
@@ -476,9 +483,12 @@ async def _load(
         await warm.wait()
         await drain(log, warm.updates, 60.0)
     skip = len(log.calls)
+    if args.wait_quiet > 0:
+        await common.wait_quiet(list(procs.values()), args.wait_quiet)
     poster = Poster(http, webhook, args.seed, args.groups, first_id=10_000_000)
     rss = common.RssSampler(procs)
     cpu0 = {n: common.cpu_seconds(p) for n, p in procs.items()}
+    busy0 = common.machine_busy_seconds()
     rss.start()
     print(f"bench: posting {args.rate:g} updates/s for {args.duration:g} s ({args.arrival})")
     try:
@@ -489,6 +499,8 @@ async def _load(
         await rss.stop()
     end = time.monotonic()
     cpu = {n: common.cpu_seconds(p) - cpu0[n] for n, p in procs.items()}
+    others = max(0.0, common.machine_busy_seconds() - busy0 - sum(cpu.values()))
+    cpu["other_processes"] = others
     return {
         "updates": poster.updates,
         "calls": log.calls[skip:],
@@ -624,7 +636,7 @@ def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
             "window_s": round(wall, 2),
             **{f"{n}_core_share": round(v / wall, 3) for n, v in cpu.items()},
         },
-        "memory_mb": {f"{n}_peak_rss": rss.peak_mb(n) for n in cpu},
+        "memory_mb": {f"{n}_peak_rss": rss.peak_mb(n) for n in cpu if n in rss.procs},
         "violations": m["violations"][:20],
         "service_metrics": {
             k: v for k, v in m["metrics"].items() if "telegram" in k or "replies" in k

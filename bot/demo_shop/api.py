@@ -8,7 +8,6 @@ on the embedded defaults. JSON in and out; errors are {"error": code, "detail": 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +15,7 @@ from aiohttp import web
 
 from bot.demo_shop import refunds
 from bot.demo_shop.data import SHOP_TZ, ShopData, load, parse_time, public
-from channels.http import ApiError, read_json
+from channels.http import ApiError, json_errors, read_json
 
 _DATA = web.AppKey("demo_shop_data", ShopData)
 
@@ -216,24 +215,13 @@ async def request_refund(request: web.Request) -> web.Response:
     return web.json_response(record, status=201)
 
 
-@web.middleware
-async def _errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    # The main app renders ApiError too; this keeps the sub-application usable on its own.
-    try:
-        return await handler(request)
-    except ApiError as e:
-        return e.response()
-
-
 def build_demo_shop_app(max_body_bytes: int = 64 * 1024) -> web.Application:
     """The demo shop API as an aiohttp sub-application (mounted under /demo-shop).
 
     Pass the main application's body limit: aiohttp enforces the main one, and error
     messages quote this one.
     """
-    app = web.Application(middlewares=[_errors], client_max_size=max_body_bytes)
+    app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
     app[_DATA] = load()
     app[_REFUNDS] = _RefundBook()
     app.router.add_get("/api", index)

@@ -10,7 +10,6 @@ their configured reactions. Answers and agent messages go out through `TelegramS
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections.abc import Coroutine
 from typing import Any
 
@@ -82,6 +81,7 @@ class TelegramChannel(Channel):
         self._pollers: list[Poller] = []
         self._host: ChannelHost | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sink_tasks: set[asyncio.Task[None]] = set()  # typing and draft loops of sinks
 
     # -- Channel -------------------------------------------------------------------------
 
@@ -92,11 +92,6 @@ class TelegramChannel(Channel):
             handler.mount(app, b.path)
 
     async def start(self) -> None:
-        # aiogram brings ~10^5 long-lived objects (its pydantic models); left in the GC's
-        # oldest generation, every full collection walks them and stalls the loop for
-        # 100+ ms. Freezing what start-up built keeps those pauses short.
-        gc.collect()
-        gc.freeze()
         for client in self.clients.values():
             self._spawn(self._introduce(client))
         if self.settings.mode == "polling":
@@ -112,6 +107,13 @@ class TelegramChannel(Channel):
             _, pending = await asyncio.wait(list(self._tasks), timeout=_CLOSE_GRACE_S)
             for t in pending:
                 t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        # Answers the pipeline gave up on at shutdown: their previews stop here (they are
+        # answered again after the restart).
+        leftovers = list(self._sink_tasks)
+        for t in leftovers:
+            t.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
         for client in self.clients.values():
             await client.close()
 
@@ -127,6 +129,7 @@ class TelegramChannel(Channel):
             private=private,
             reply_to=None if private else message_id_of(inbound.external_id),
             inbound_id=inbound.id,
+            tasks=self._sink_tasks,
         )
 
     async def send(self, conversation: ConversationRef, text: str, *, sender: str) -> Delivery:
@@ -135,7 +138,7 @@ class TelegramChannel(Channel):
             return _NoBot(conversation.account).delivery()
         sent: list[int] = []
         try:
-            sent = await send_text(client, int(conversation.chat_id), text)
+            await send_text(client, int(conversation.chat_id), text, sent=sent)
         except Exception as e:
             log.warning("telegram_send_failed", conversation_id=conversation.id, detail=str(e))
             return failed(e, sent)

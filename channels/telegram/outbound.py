@@ -24,10 +24,16 @@ _NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
 
 
 async def send_text(
-    client: BotClient, chat_id: int, text: str, *, reply_to: int | None = None
+    client: BotClient,
+    chat_id: int,
+    text: str,
+    *,
+    reply_to: int | None = None,
+    sent: list[int] | None = None,
 ) -> list[int]:
-    """Send `text` as one message per 4,096-character piece; returns their message ids."""
-    ids: list[int] = []
+    """Send `text` as one message per 4,096-character piece; returns their message ids
+    (also appended to `sent` as they go out, so a failure half-way knows what did)."""
+    ids: list[int] = sent if sent is not None else []
     for i, piece in enumerate(split_text(text)):
         rendered = render(piece, client.settings.parse_mode)
         msg = await send_piece(client, chat_id, piece, rendered, reply_to if i == 0 else None)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 from aiogram.exceptions import (
@@ -48,8 +50,11 @@ class TelegramSink(ReplySink):
         private: bool,
         reply_to: int | None,
         inbound_id: int,
+        tasks: set[asyncio.Task[None]] | None = None,
     ) -> None:
         self._client = client
+        # The channel's registry of background tasks: it cancels what is left at shutdown.
+        self._tasks = tasks if tasks is not None else set()
         self._chat = chat_id
         self._gate = client.gate(chat_id)
         self._reply_to = reply_to
@@ -74,7 +79,7 @@ class TelegramSink(ReplySink):
 
     async def typing(self) -> None:
         if self._client.settings.typing and self._typing is None and not self._text:
-            self._typing = asyncio.create_task(self._keep_typing())
+            self._typing = self._spawn(self._keep_typing())
 
     async def push(self, delta: str) -> None:
         if not delta:
@@ -82,7 +87,7 @@ class TelegramSink(ReplySink):
         self._text += delta
         self._stop_typing()
         if self._flusher is None and not self._refused:
-            self._flusher = asyncio.create_task(self._flush_loop())
+            self._flusher = self._spawn(self._flush_loop())
         self._wake.set()
 
     async def finish(self, final_text: str) -> Delivery:
@@ -93,8 +98,8 @@ class TelegramSink(ReplySink):
             if self._messages:
                 await self._finish_edits(final_text, sent)
             else:
-                sent.extend(
-                    await send_text(self._client, self._chat, final_text, reply_to=self._reply_to)
+                await send_text(
+                    self._client, self._chat, final_text, reply_to=self._reply_to, sent=sent
                 )
         except Exception as e:
             log.warning(
@@ -113,6 +118,12 @@ class TelegramSink(ReplySink):
         for message_id in self._messages:
             await delete_message(self._client, self._chat, message_id)
         self._messages.clear()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- typing --------------------------------------------------------------------------
 

@@ -27,13 +27,13 @@ from wechatpy.exceptions import InvalidSignatureException
 from wechatpy.utils import WeChatSigner, to_text
 
 from channels.base import ConversationRef, Delivery, InboundMessage, ReplySink, StoredMessage
-from channels.http import ApiError
+from channels.http import ApiError, parse_json_object
 from channels.wechat.api import WechatApiError, WechatTransportError, post_response_url
 from channels.wechat.chunks import split_text
 from channels.wechat.config import WecomBotSettings
 from channels.wechat.passive import SYSTEM_REPLY, SystemReplySlot
 from channels.wechat.runtime import signed_params
-from channels.wechat.xmlsafe import parse_json_object, read_limited
+from channels.wechat.xmlsafe import read_limited
 
 if TYPE_CHECKING:
     from channels.wechat.runtime import WechatChannelBase

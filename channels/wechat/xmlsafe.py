@@ -6,7 +6,6 @@ any of them is an attack (XXE, billion laughs) and is refused before a parser se
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -78,13 +77,3 @@ def parse_xml(text: str) -> dict[str, Any]:
 def safe_xml(body: bytes) -> tuple[str, dict[str, Any]]:
     text = check_xml(body)
     return text, parse_xml(text)
-
-
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_json", "the body must be a JSON object")
-    return data

@@ -96,12 +96,13 @@ class SocketSession:
         base = 0
         if conv_id is not None and hello.after is None:
             base = await self.channel.history_base(conv_id)
+        resume = conv_id is not None and hello.after is not None
         await self.send(
             dumps(
                 {
                     "type": "ready",
                     "conversation_id": conv_id,
-                    "from": base if hello.after is None else hello.after,
+                    "from": hello.after if resume else base,
                     "verified": visitor.identity.verified,
                     "identity_problem": visitor.identity.problem,
                 }

@@ -10,17 +10,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-LABELS = (
-    "logistics",
-    "order_status",
-    "refund",
-    "product",
-    "discount",
-    "human",
-    "complaint",
-    "greeting",
-    "other",
-)
+from orchestration.routing.config import BUILTIN_LABELS
+
+# The labels a model is asked to choose from (the router's built-in set).
+LABELS = BUILTIN_LABELS
 
 # English entries match whole words; the others match anywhere (CJK has no spaces).
 _KEYWORDS: dict[str, tuple[str, ...]] = {
