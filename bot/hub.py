@@ -148,6 +148,11 @@ class Hub:
                 cur = (event.seq, [])
                 self._inflight[cid] = cur
             cur[1].append(str(event.data.get("text", "")))
+        elif event.type == "typing":
+            # The answer has begun: a client connecting before its first delta learns so.
+            cur = self._inflight.get(cid)
+            if cur is None or cur[0] != event.seq:
+                self._inflight[cid] = (event.seq, [])
         elif event.type in ("final", "error"):
             cur = self._inflight.get(cid)
             if cur is not None and cur[0] == event.seq:

@@ -120,6 +120,9 @@ class Pipeline:
         # Two first messages of one new chat must not open two conversations.
         self._chat_locks = KeyedLocks()
         self._pending_views: dict[int, StoredMessage] = {}
+        # Answers reserved when their message was stored (store.store_inbound, prepare).
+        self._prepared: dict[int, store.Answering] = {}
+        self._prepare = store.Prepare(reply.history_messages, _TRUSTED_CHANNELS)
 
     async def close(self) -> None:
         """After the work queue drained: close the database threads."""
@@ -133,7 +136,7 @@ class Pipeline:
 
     async def ingest(self, message: InboundMessage) -> IngestResult:
         async with self._chat_locks.hold((message.channel, message.account, message.chat_id)):
-            result, view = await self._store_inbound(message)
+            result, view, prepared = await self._store_inbound(message)
         if view is None:
             metrics.DUPLICATES.labels(message.channel).inc()
             return result
@@ -144,13 +147,19 @@ class Pipeline:
             if len(views) >= _MAX_PENDING_VIEWS:
                 del views[next(iter(views))]
             views[view.id] = view
+            if prepared is not None:
+                if len(self._prepared) >= _MAX_PENDING_VIEWS:
+                    # (begin_answer takes over a reservation it doesn't know of)
+                    del self._prepared[next(iter(self._prepared))]
+                self._prepared[view.id] = prepared
             await self.queue.put(result.conversation_id, result.message_id)
         return result
 
     async def _store_inbound(
         self, message: InboundMessage
-    ) -> tuple[IngestResult, StoredMessage | None]:
-        """The stored message, or (for a redelivery) the earlier one's ids and no view."""
+    ) -> tuple[IngestResult, StoredMessage | None, store.Answering | None]:
+        """The stored message (and its answer, reserved if the conversation was idle), or
+        (for a redelivery) the earlier one's ids and no view."""
         target = store.InboundTarget(
             message.channel,
             message.account,
@@ -172,8 +181,13 @@ class Pipeline:
             sent_at=message.sent_at,
         )
         try:
-            row, contact_id = await self.db.write(
-                partial(store.store_inbound, target=target, m=new)
+            row, contact_id, prepared = await self.db.write(
+                partial(
+                    store.store_inbound,
+                    target=target,
+                    m=new,
+                    prepare=self._prepare if message.answer else None,
+                )
             )
         except store.ConversationNotFound as e:
             raise UnknownConversation(message.conversation_id) from e
@@ -192,8 +206,9 @@ class Pipeline:
             if old is None:
                 raise
             dup = IngestResult(old.message_id, old.conversation_id, old.contact_id, old.seq, True)
-            return dup, None
-        return IngestResult(row.id, row.conversation_id, contact_id, row.seq, False), stored(row)
+            return dup, None, None
+        result = IngestResult(row.id, row.conversation_id, contact_id, row.seq, False)
+        return result, stored(row), prepared
 
     async def get_conversation(self, conversation_id: int) -> ConversationRef | None:
         conv = await self.db.read(partial(store.get_conversation, conversation_id=conversation_id))
@@ -235,21 +250,23 @@ class Pipeline:
 
     async def _handle(self, conversation_id: int, message_id: int) -> None:
         view = self._pending_views.pop(message_id, None)
-        begun = await self.db.write(
-            partial(
-                store.begin_answer,
-                conversation_id=conversation_id,
-                message_id=message_id,
-                history_limit=self.reply_settings.history_messages,
-                trusted_channels=_TRUSTED_CHANNELS,
-                with_inbound=view is None,
+        begun: store.Answering | store.NotAnswering | None = self._prepared.pop(message_id, None)
+        if begun is None or view is None:
+            begun = await self.db.write(
+                partial(
+                    store.begin_answer,
+                    conversation_id=conversation_id,
+                    message_id=message_id,
+                    history_limit=self.reply_settings.history_messages,
+                    trusted_channels=_TRUSTED_CHANNELS,
+                    with_inbound=view is None,
+                )
             )
-        )
         if isinstance(begun, store.NotAnswering):
             if begun.human_channel is not None:
                 metrics.REPLIES.labels(begun.human_channel, "human").inc()
             return
-        if begun.inbound is not None:
+        if view is None and begun.inbound is not None:
             view = stored(begun.inbound)
         assert view is not None
         conv_ref = ref(begun.conversation)
@@ -299,6 +316,8 @@ class Pipeline:
     ) -> tuple[_Reply, list[CallRecord]]:
         reply = _Reply()
         calls: list[CallRecord] = []
+        # (A sink that ignores deltas costs nothing to skip, once per delta.)
+        push = None if type(sink).push is NullSink.push else sink.push
         self.hub.publish(ConversationEvent(conv.id, "typing", seq))
         try:
             await sink.typing()
@@ -311,7 +330,8 @@ class Pipeline:
                         ConversationEvent(conv.id, "delta", seq, reply.deltas, {"text": ev.text})
                     )
                     reply.deltas += 1
-                    await sink.push(ev.text)
+                    if push is not None:
+                        await push(ev.text)
                 elif isinstance(ev, CallRecord):
                     calls.append(ev)
                 elif isinstance(ev, Final):
@@ -490,6 +510,9 @@ class Pipeline:
         view = stored(row)
         if view.id in self._pending_views:
             self._pending_views[view.id] = view  # not answered yet: the worker sees the edit
+        prepared = self._prepared.get(view.id)
+        if prepared is not None:
+            prepared.question = prepared.question._replace(text=view.text)
         self.hub.publish(
             ConversationEvent(
                 view.conversation_id, "message", view.seq, None, {**view.as_json(), "edited": True}

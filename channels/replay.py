@@ -42,6 +42,11 @@ async def follow(
         live = host.events.inflight(conversation_id)
         if live is not None:
             seq, deltas = live
+            if not deltas:
+                # Begun, no text yet: the typing signal (not stored) for a late subscriber.
+                ev = ConversationEvent(conversation_id, "typing", seq)
+                if cursor.admit(ev):
+                    yield ev
             for i, text in enumerate(deltas):
                 ev = ConversationEvent(conversation_id, "delta", seq, i, {"text": text})
                 if cursor.admit(ev):

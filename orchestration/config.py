@@ -74,6 +74,9 @@ class ReplySettings(_Section):
     fallback_text_zh: str | None = "抱歉，我暂时无法回答这个问题，同事会尽快回复您。"
     handoff_notice: str = "A colleague will join this conversation shortly."
     handoff_notice_zh: str | None = "人工客服稍后会加入对话。"
+    aggregation_attempt_seconds: float = Field(
+        8.0, gt=0, description="a composing model slower than this gives way to the next"
+    )
     aggregation_reserve_seconds: float = Field(
         4.0, ge=0, description="time kept for composing one answer from several specialists"
     )
@@ -91,6 +94,12 @@ class ResilienceSettings(_Section):
     breaker_cooldown_seconds: float = Field(30.0, gt=0, description="open time before a probe")
     hedge_after_seconds: float | None = Field(
         2.5, gt=0, description="no first token by then: start the next model too (null: never)"
+    )
+    chain_walks: int = Field(
+        3, ge=1, le=10, description="times a failing chain is walked while the turn has time"
+    )
+    min_attempt_seconds: float = Field(
+        1.0, ge=0, description="no new walk of the chain with less time than this left"
     )
     limiter_wait_seconds: float = Field(
         1.0, ge=0, description="longest wait for a rate-limit slot before trying the next model"

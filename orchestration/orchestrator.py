@@ -279,7 +279,9 @@ class Orchestrator:
             purpose="aggregate",
             intent=turn.intents[0] if turn.intents else None,
         )
-        call = self.runner.call(tier, spec, deadline, emit)
+        call = self.runner.call(
+            tier, spec, deadline, emit, attempt_timeout=self.settings.aggregation_attempt_seconds
+        )
         shown = ""
         async for delta in call.deltas():
             shown += delta

@@ -106,6 +106,14 @@ class ModelGuard:
             return time.monotonic() - b.opened_at >= b.cooldown_s
         return not (b.state is BreakerState.HALF_OPEN and b.probing)
 
+    def ready_at(self) -> float:
+        """When a call may start (monotonic time; now or earlier when it may start now)."""
+        at = self.cool_until
+        b = self.breaker
+        if b.state is BreakerState.OPEN:
+            at = max(at, b.opened_at + b.cooldown_s)
+        return at
+
     async def admit(self, tokens: int, wait_s: float) -> bool:
         """Claim a call slot (breaker, then rate limits) waiting at most `wait_s`."""
         if time.monotonic() < self.cool_until or not self.breaker.allow():

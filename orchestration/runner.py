@@ -7,6 +7,7 @@ that text. Every attempt — failed, hedged, cancelled — becomes a ledger reco
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -241,13 +242,17 @@ class ChainCall:
         item, and the chain index to continue from after it."""
         entry = self._chain[index]
         settings = self.runner.settings
+        # tenacity's retrying object and its state refer to each other: a cycle only the
+        # cyclic GC frees. The callbacks must not drag this call (its messages, stream,
+        # records) into it, or every answer leaves its whole call graph for the GC.
+        retry_until = self.deadline - 0.5
 
         def retryable(e: BaseException) -> bool:
             return (
                 isinstance(e, LLMError)
                 and e.kind in (ErrorKind.SERVER, ErrorKind.CONNECTION)
                 and not e.partial_text
-                and time.monotonic() < self.deadline - 0.5
+                and time.monotonic() < retry_until
             )
 
         def before_sleep(state: RetryCallState) -> None:
@@ -279,6 +284,10 @@ class ChainCall:
         attempt = _Attempt(entry, self.tier, self.spec, self._messages(sent))
         hedge_after = self.runner.settings.hedge_after_seconds
         backup_index = self._next_available(index + 1)
+        if backup_index is None and self._next_available(index) == index:
+            # No other model to hedge with: a second request to the same one usually gets
+            # through where the first is stuck (a bad connection, a stuck replica).
+            backup_index = index
         if hedge_after is None or backup_index is None or sent:
             try:
                 return attempt, await attempt.next(self._attempt_deadline(attempt)), index
@@ -314,22 +323,32 @@ class ChainCall:
             asyncio.create_task(b.next(self._attempt_deadline(b))): (b, b_index),
         }
         errors: list[LLMError] = []
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                attempt, _ = pending.pop(t)
-                exc = t.exception()
-                if exc is None:
-                    for other_task, (other, _) in pending.items():
-                        other_task.cancel()
-                        await asyncio.gather(other_task, return_exceptions=True)
-                        await other.cancel()
-                        self._record(other, "hedge_lost")
-                    # The chain continues after the later of the two models.
-                    return attempt, t.result(), max(a_index, b_index)
-                assert isinstance(exc, LLMError)
-                self._fail(attempt, exc)
-                errors.append(exc)
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    attempt, _ = pending.pop(t)
+                    exc = t.exception()
+                    if exc is None:
+                        for other_task, (other, _) in pending.items():
+                            other_task.cancel()
+                            await asyncio.gather(other_task, return_exceptions=True)
+                            await other.cancel()
+                            self._record(other, "hedge_lost")
+                        pending.clear()
+                        # The chain continues after the later of the two models.
+                        return attempt, t.result(), max(a_index, b_index)
+                    assert isinstance(exc, LLMError)
+                    self._fail(attempt, exc)
+                    errors.append(exc)
+        finally:
+            # Cancelled from outside (the turn's deadline, the fan-out): stop both calls and
+            # bill them; nothing may be left running or unobserved.
+            for task, (attempt, _) in pending.items():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await attempt.cancel()
+                self._record(attempt, "cancelled")
         raise errors[-1]
 
     def _next_available(self, start: int) -> int | None:
@@ -340,39 +359,60 @@ class ChainCall:
 
     async def deltas(self) -> AsyncIterator[str]:
         sent = ""
-        index = 0
-        while index < len(self._chain) and time.monotonic() < self.deadline:
-            entry = self._chain[index]
-            if not await self._admit(entry):
-                index += 1
-                continue
-            try:
-                attempt, first, index = await self._open(index, sent)
-            except LLMError:
-                index += 1
-                continue
-            item = first
-            try:
-                while item is not None:
-                    sent += item
-                    yield item
-                    item = await attempt.next(self._attempt_deadline(attempt))
-            except LLMError as e:
-                self._fail(attempt, e)
-                await attempt.cancel()
-                index += 1
-                continue
-            except BaseException:
-                # The consumer stopped (cancelled, closed): bill what ran.
-                await attempt.cancel()
-                self._record(attempt, "cancelled")
-                raise
-            self._record(attempt, "ok")
-            self.runner.guards.get(attempt.entry.ref).breaker.record(ok=True)
-            self.result.text = sent
-            self.result.entry = attempt.entry
-            self.result.stream = attempt.stream
-            return
+        settings = self.runner.settings
+        failed_walks = 0
+        while time.monotonic() < self.deadline:
+            index = 0
+            tried = False  # whether this walk reached any model (all may be cooling)
+            while index < len(self._chain) and time.monotonic() < self.deadline:
+                entry = self._chain[index]
+                if not await self._admit(entry):
+                    index += 1
+                    continue
+                tried = True
+                try:
+                    attempt, first, index = await self._open(index, sent)
+                except LLMError:
+                    index += 1
+                    continue
+                item = first
+                try:
+                    while item is not None:
+                        sent += item
+                        yield item
+                        item = await attempt.next(self._attempt_deadline(attempt))
+                except LLMError as e:
+                    self._fail(attempt, e)
+                    await attempt.cancel()
+                    index += 1
+                    continue
+                except BaseException:
+                    # The consumer stopped (cancelled, closed): bill what ran.
+                    await attempt.cancel()
+                    self._record(attempt, "cancelled")
+                    raise
+                self._record(attempt, "ok")
+                self.runner.guards.get(attempt.entry.ref).breaker.record(ok=True)
+                self.result.text = sent
+                self.result.entry = attempt.entry
+                self.result.stream = attempt.stream
+                return
+            # The chain failed, or every model was unavailable (a 429's cool-down, an open
+            # breaker). While the turn has time, wait for the soonest model to be callable and
+            # walk the chain again: a shopper would rather wait a moment than get canned text.
+            # Only walks that reached a model count against `chain_walks`.
+            failed_walks += tried
+            if failed_walks >= settings.chain_walks:
+                break
+            now = time.monotonic()
+            ready = min(
+                self.runner.guards.get(e.ref, *_limits(e)).ready_at() for e in self._chain
+            )
+            backoff = settings.backoff_initial_seconds * (2 ** max(failed_walks - 1, 0))
+            wait = max(ready - now, backoff * random.uniform(0.5, 1.0), 0.05)
+            if now + wait + settings.min_attempt_seconds > self.deadline:
+                break
+            await asyncio.sleep(wait)
         self.result.text = sent
         self.result.failed = True
 

@@ -11,8 +11,11 @@ tens of milliseconds of holding the only connection, and everything queued behin
   lock up front and never fails half-way with SQLITE_BUSY. A few reader threads with
   read-only connections answer history, replay and lookups beside it: in WAL mode readers
   don't wait for the writer.
-- PostgreSQL (and SQLite in memory, which one connection must hold): the async engine's
-  pool, the unit run through `AsyncConnection.run_sync`.
+- PostgreSQL: the same in threads with psycopg (several writers: PostgreSQL has row
+  locks), so a unit's round trips don't each wait for a turn of the event loop while the
+  unit holds a pooled connection. Without psycopg, with asyncpg options in the URL, or for
+  SQLite in memory (one connection must hold it): the async engine's pool, the unit run
+  through `AsyncConnection.run_sync`.
 """
 
 from __future__ import annotations
@@ -24,11 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 T = TypeVar("T")
-_STATS: list = []
 Unit = Callable[[Connection], T]
 
 # Reader threads for SQLite: enough to overlap a replay with a history read; each costs a
@@ -70,16 +72,25 @@ class AsyncEngineDatabase:
         return None  # the engine belongs to the caller
 
 
-class SqliteThreads:
-    """A writer thread and reader threads, each holding its own sqlite3 connection."""
+class ThreadedDatabase:
+    """Writer threads and reader threads, each holding its own connection for its life."""
 
-    def __init__(self, url: str, readers: int = SQLITE_READERS) -> None:
-        sync_url = make_url(url).set(drivername="sqlite+pysqlite")
-        self._write_engine = _sqlite_engine(sync_url, pool_size=1, read_only=False)
-        self._read_engine = _sqlite_engine(sync_url, pool_size=readers, read_only=True)
+    def __init__(
+        self,
+        write_engine: Engine,
+        read_engine: Engine,
+        *,
+        writers: int,
+        readers: int,
+        name: str,
+        begin_sql: str | None = None,
+    ) -> None:
+        self._write_engine = write_engine
+        self._read_engine = read_engine
+        self._begin_sql = begin_sql
         self._local = threading.local()
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
-        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-reader")
+        self._writer = ThreadPoolExecutor(writers, thread_name_prefix=f"{name}-writer")
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix=f"{name}-reader")
         self._opened: list[Connection] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -96,9 +107,10 @@ class SqliteThreads:
     def _write(self, unit: Callable[[Connection], T]) -> T:
         conn = self._connection(self._write_engine)
         with conn.begin():
-            # BEGIN IMMEDIATE takes the write lock up front; straight to the driver (the
-            # dialect's own begin is a no-op here, its commit commits this transaction).
-            conn.connection.driver_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+            if self._begin_sql is not None:
+                # SQLite: BEGIN IMMEDIATE takes the write lock up front; straight to the
+                # driver (the dialect's begin is a no-op, its commit commits this).
+                conn.connection.driver_connection.execute(self._begin_sql)  # type: ignore[union-attr]
             return unit(conn)
 
     def _read(self, unit: Callable[[Connection], T]) -> T:
@@ -109,32 +121,13 @@ class SqliteThreads:
             conn.rollback()  # ends the autobegun (no-op in autocommit) transaction
 
     async def write(self, unit: Callable[[Connection], T]) -> T:
-        import time, os, sys
-        if os.environ.get("EXP_SWITCH") and not getattr(SqliteThreads, "_sw", False):
-            SqliteThreads._sw = True
-            sys.setswitchinterval(float(os.environ["EXP_SWITCH"]))
-        t0 = time.perf_counter()
-        box = []
-        def timed(conn):
-            t1 = time.perf_counter()
-            r = unit(conn)
-            box.append((t1, time.perf_counter()))
-            return r
-        r = await asyncio.get_running_loop().run_in_executor(self._writer, self._write, timed)
-        t3 = time.perf_counter()
-        _STATS.append((box[0][0]-t0, box[0][1]-box[0][0], t3-box[0][1]))
-        return r
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._write, unit)
 
     async def read(self, unit: Callable[[Connection], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, unit)
 
     async def close(self) -> None:
         """Wait for the units under way, then close the connections."""
-        import sys, statistics
-        if _STATS:
-            for i, name in enumerate(("queue", "run", "return")):
-                v = sorted(x[i] for x in _STATS)
-                print("EXPSTAT", name, "p50 %.2f p90 %.2f p99 %.2f ms" % (v[len(v)//2]*1e3, v[int(len(v)*.9)]*1e3, v[int(len(v)*.99)]*1e3), file=sys.stderr)
         if self._closed:
             return
         self._closed = True
@@ -142,13 +135,50 @@ class SqliteThreads:
         def stop() -> None:
             self._writer.shutdown(wait=True)
             self._readers.shutdown(wait=True)
-            # No thread uses them any more (check_same_thread=False lets us close them here).
+            # No thread uses them any more, so they may be closed from this one.
             for conn in self._opened:
                 conn.close()
             self._write_engine.dispose()
             self._read_engine.dispose()
 
         await asyncio.get_running_loop().run_in_executor(None, stop)
+
+
+class SqliteThreads(ThreadedDatabase):
+    """One writer thread (SQLite has one writer), read-only reader threads beside it."""
+
+    def __init__(self, url: str, readers: int = SQLITE_READERS) -> None:
+        sync_url = make_url(url).set(drivername="sqlite+pysqlite")
+        super().__init__(
+            _sqlite_engine(sync_url, pool_size=1, read_only=False),
+            _sqlite_engine(sync_url, pool_size=readers, read_only=True),
+            writers=1,
+            readers=readers,
+            name="sqlite",
+            begin_sql="BEGIN IMMEDIATE",
+        )
+
+
+class PostgresThreads(ThreadedDatabase):
+    """PostgreSQL through psycopg in threads: a unit's round trips (BEGIN, its statements,
+    COMMIT) wait in its thread instead of each waiting for a turn of the busy event loop
+    while it holds a pooled connection."""
+
+    def __init__(self, url: URL, writers: int, readers: int) -> None:
+        sync_url = url.set(drivername="postgresql+psycopg")
+        super().__init__(
+            create_engine(sync_url, pool_size=writers, max_overflow=0, pool_pre_ping=True),
+            create_engine(
+                sync_url,
+                pool_size=readers,
+                max_overflow=0,
+                pool_pre_ping=True,
+                isolation_level="AUTOCOMMIT",  # reads need no BEGIN/ROLLBACK round trips
+            ),
+            writers=writers,
+            readers=readers,
+            name="pg",
+        )
 
 
 def _sqlite_engine(url: Any, *, pool_size: int, read_only: bool) -> Engine:
@@ -178,9 +208,21 @@ def _sqlite_engine(url: Any, *, pool_size: int, read_only: bool) -> Engine:
     return engine
 
 
-def for_engine(engine: AsyncEngine) -> Database:
-    """The way to run units on `engine`'s database (see the module's docstring)."""
+def for_engine(engine: AsyncEngine, pool_size: int = 10) -> Database:
+    """The way to run units on `engine`'s database (see the module's docstring);
+    `pool_size` connections write (PostgreSQL), half as many read."""
     url = engine.url
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         return SqliteThreads(url.render_as_string(hide_password=False))
+    if url.get_backend_name() == "postgresql" and not url.query and _has_psycopg():
+        # (Driver options in the URL are asyncpg's: then the async engine it is.)
+        return PostgresThreads(url, writers=pool_size, readers=max(2, pool_size // 2))
     return AsyncEngineDatabase(engine)
+
+
+def _has_psycopg() -> bool:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -147,6 +147,25 @@ _RESERVE_ANSWER = (
     )
 )
 _CONVERSATION_CHANNEL = select(_C.channel).where(_C.id == bindparam("b_id"))
+# Anything else of the conversation still to answer, or being answered right now?
+_BUSY = (
+    select(_M.id)
+    .where(
+        _M.conversation_id == bindparam("b_conversation"),
+        (_M.status == MessageStatus.RECEIVED.value) | (_M.status == MessageStatus.STREAMING.value),
+        _M.id != bindparam("b_message"),
+    )
+    .limit(1)
+)
+# An answer reserved for the message already (when it was stored: see store_inbound).
+_RESERVED = select(_M.id, _M.seq, _M.created_at).where(
+    _M.reply_to_id == bindparam("b_message"),
+    _M.status == MessageStatus.STREAMING.value,
+    _M.direction == Direction.OUT.value,
+)
+_BOT_CONVERSATION = select(
+    _C.channel, _C.account, _C.chat_id, _C.contact_id, _C.tier, _C.cost_total
+).where(_C.id == bindparam("b_id"), _C.owner == _BOT)
 _CONTACT_ATTRIBUTES = select(_K.attributes).where(_K.id == bindparam("b_id"))
 _SET_MESSAGE = update(MESSAGES).where(_M.id == bindparam("b_id"))
 _ADD_COST = (
@@ -315,13 +334,46 @@ class InboundTarget:
     contact_attributes: dict[str, Any] | None
 
 
-def store_inbound(conn: Connection, target: InboundTarget, m: NewMessage) -> tuple[StoredRow, int]:
-    """Store a shopper's message: (the stored row, the contact id).
+@dataclass(slots=True)
+class Prepare:
+    """Reserve the answer right away when nothing else of the conversation is waiting."""
+
+    history_limit: int
+    trusted_channels: frozenset[str]
+
+
+def store_inbound(
+    conn: Connection, target: InboundTarget, m: NewMessage, prepare: Prepare | None = None
+) -> tuple[StoredRow, int, Answering | None]:
+    """Store a shopper's message: (the stored row, the contact id, the reserved answer).
+
+    With `prepare`, the answer is reserved in the same transaction (what `begin_answer`
+    would do) when the bot owns the conversation and nothing else of it is waiting or being
+    answered: the worker then starts the model call without a database round trip first.
 
     Raises ConversationNotFound for a named conversation that isn't the contact's, and
     IntegrityError when the external id is stored already (a redelivery: see
     `find_by_external_id`); the caller's transaction rolls back either way.
     """
+    stored, contact_id = _store_inbound(conn, target, m)
+    if prepare is None:
+        return stored, contact_id, None
+    cid = stored.conversation_id
+    rows = _history(conn, cid, stored.id, prepare.history_limit)
+    # An earlier message still waiting (or being answered: its question waits until then)
+    # shows in the history, unless the history is cut off by the limit: then ask.
+    if any(r[5] == MessageStatus.RECEIVED.value for r in rows[1:]) or (
+        len(rows) >= prepare.history_limit
+        and conn.execute(_BUSY, {"b_conversation": cid, "b_message": stored.id}).first()
+    ):
+        return stored, contact_id, None
+    answering = _reserve(
+        conn, cid, stored.id, rows, prepare.trusted_channels, inbound=stored, reuse=False
+    )
+    return stored, contact_id, answering if isinstance(answering, Answering) else None
+
+
+def _store_inbound(conn: Connection, target: InboundTarget, m: NewMessage) -> tuple[StoredRow, int]:
     now = utcnow()
     attributes: dict[str, Any] | None
     who = {"b_channel": target.channel, "b_account": target.account, "b_user": target.user_id}
@@ -454,6 +506,13 @@ class NotAnswering:
     human_channel: str | None = None
 
 
+def _history(conn: Connection, conversation_id: int, message_id: int, limit: int) -> Sequence[Any]:
+    return conn.execute(
+        _HISTORY,
+        {"b_conversation": conversation_id, "b_message": message_id, "b_limit": limit},
+    ).all()
+
+
 def begin_answer(
     conn: Connection,
     conversation_id: int,
@@ -464,41 +523,74 @@ def begin_answer(
 ) -> Answering | NotAnswering:
     """Check the inbound message still waits for an answer and the bot owns the
     conversation; load the history up to it (`history_limit` messages with it); reserve
-    the answer's seq (STREAMING). The contact's attributes come along for channels not in
-    `trusted_channels`, the whole inbound row `with_inbound`."""
-    rows = conn.execute(
-        _HISTORY,
-        {"b_conversation": conversation_id, "b_message": message_id, "b_limit": history_limit},
-    ).all()
+    the answer's seq (STREAMING), or take the reservation made when it was stored. The
+    contact's attributes come along for channels not in `trusted_channels`, the whole
+    inbound row `with_inbound`."""
+    rows = _history(conn, conversation_id, message_id, history_limit)
     if not rows or rows[0][0] != message_id or rows[0][5] != MessageStatus.RECEIVED.value:
         return NotAnswering()  # answered already (a recovered duplicate of the queue entry)
+    inbound = get_message(conn, message_id) if with_inbound else None
+    return _reserve(
+        conn, conversation_id, message_id, rows, trusted_channels, inbound=inbound, reuse=True
+    )
+
+
+def _reserve(
+    conn: Connection,
+    conversation_id: int,
+    message_id: int,
+    rows: Sequence[Any],
+    trusted_channels: frozenset[str],
+    *,
+    inbound: StoredRow | None,
+    reuse: bool,
+) -> Answering | NotAnswering:
+    """Reserve the answer to `message_id`, whose history up to it is `rows` (newest first).
+    `reuse`: an answer reserved earlier is taken, not a second one (the caller may not know
+    whether store_inbound reserved one); a person owning the conversation gets the message
+    (without `reuse`: nothing happens, the worker will see to it)."""
     now = utcnow()
-    conv = conn.execute(_RESERVE_ANSWER, {"b_id": conversation_id, "updated_at": now}).first()
+    reserved = conn.execute(_RESERVED, {"b_message": message_id}).first() if reuse else None
+    conv: Sequence[Any] | None
+    if reserved is None:
+        conv = conn.execute(_RESERVE_ANSWER, {"b_id": conversation_id, "updated_at": now}).first()
+    else:
+        found = conn.execute(_BOT_CONVERSATION, {"b_id": conversation_id}).first()
+        conv = None if found is None else (reserved[1], *found)
     if conv is None:
+        if not reuse:
+            return NotAnswering()
         channel = conn.execute(_CONVERSATION_CHANNEL, {"b_id": conversation_id}).scalar()
         if channel is None:
             return NotAnswering()
         _set_status(conn, message_id, MessageStatus.HUMAN.value)
+        if reserved is not None:
+            _set_status(conn, reserved[0], MessageStatus.ABANDONED.value)
         return NotAnswering(human_channel=channel)
     seq, channel, account, chat_id, contact_id, tier, cost_total = conv
-    out = _insert_message(
-        conn,
-        conversation_id,
-        seq,
-        channel,
-        account,
-        NewMessage(
-            Direction.OUT.value,
-            Sender.BOT.value,
-            MessageStatus.STREAMING.value,
-            reply_to_id=message_id,
-        ),
-        now,
-    )
+    if reserved is None:
+        out_id, created_at = (
+            _insert_message(
+                conn,
+                conversation_id,
+                seq,
+                channel,
+                account,
+                NewMessage(
+                    Direction.OUT.value,
+                    Sender.BOT.value,
+                    MessageStatus.STREAMING.value,
+                    reply_to_id=message_id,
+                ),
+                now,
+            ).id,
+            now,
+        )
+    else:
+        out_id, created_at = reserved[0], reserved[2]
     attributes = None
     if channel not in trusted_channels:
         attributes = conn.execute(_CONTACT_ATTRIBUTES, {"b_id": contact_id}).scalar()
-    inbound = get_message(conn, message_id) if with_inbound else None
     history = [HistoryRow._make(r) for r in reversed(rows)]
     question = history.pop()
     return Answering(
@@ -507,9 +599,9 @@ def begin_answer(
         float(cost_total or 0.0),
         question,
         history,
-        out.id,
+        out_id,
         seq,
-        now,
+        created_at,
         attributes,
         inbound,
     )

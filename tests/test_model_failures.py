@@ -22,9 +22,13 @@ from tests.support import RunningService, eventually, sse_events, start_service
 async def svc(
     sqlite_url: str, settings_factory: Callable[..., Settings]
 ) -> AsyncIterator[RunningService]:
-    """No retries of the same model and no hedging: a fault moves straight to the next model."""
+    """No retries of the same model, no hedging, one walk of the chain: a fault moves
+    straight to the next model, and a failed chain gives the canned answer."""
     s = await start_service(
-        settings_factory(sqlite_url, resilience={"retries": 0, "hedge_after_seconds": None})
+        settings_factory(
+            sqlite_url,
+            resilience={"retries": 0, "hedge_after_seconds": None, "chain_walks": 1},
+        )
     )
     yield s
     await s.stop()
@@ -162,3 +166,44 @@ async def test_a_server_error_is_retried_on_the_same_model_before_the_next(
     _, _, deltas, final = await asyncio.wait_for(ask(sqlite_service, "hello, any news?"), 30)
     assert "".join(deltas) == final["text"]
     assert await ledger(sqlite_service) == [("sim-a", "server_error"), ("sim-a", "ok")]
+
+
+async def test_a_failed_chain_is_walked_again_while_the_turn_has_time(
+    sqlite_url: str, settings_factory: Callable[..., Settings], simulator: Simulator
+) -> None:
+    svc = await start_service(
+        settings_factory(sqlite_url, resilience={"retries": 0, "hedge_after_seconds": None})
+    )
+    try:
+        await queue_fault(simulator, "cut", count=2)  # both models of the chain, in turn
+        _, _, deltas, final = await asyncio.wait_for(ask(svc, "hello, any news?"), 30)
+        general = next(s for s in svc.services.settings.specialists if s.name == "general")
+        assert final["text"] != general.degraded_text, "a model answered, not canned text"
+        assert "".join(deltas) == final["text"]
+        assert await ledger(svc) == [
+            ("sim-a", "stream_cut"),
+            ("sim-b", "stream_cut"),
+            ("sim-a", "ok"),
+        ]
+    finally:
+        await svc.stop()
+
+
+async def test_when_every_model_is_cooling_after_429s_the_turn_waits_instead_of_giving_up(
+    sqlite_url: str, settings_factory: Callable[..., Settings], simulator: Simulator
+) -> None:
+    svc = await start_service(
+        settings_factory(sqlite_url, resilience={"retries": 0, "hedge_after_seconds": None})
+    )
+    try:
+        await queue_fault(simulator, "429", count=2, retry_after=1)
+        _, _, _, final = await asyncio.wait_for(ask(svc, "hello, any news?"), 30)
+        general = next(s for s in svc.services.settings.specialists if s.name == "general")
+        assert final["text"] != general.degraded_text
+        assert await ledger(svc) == [
+            ("sim-a", "rate_limit"),
+            ("sim-b", "rate_limit"),
+            ("sim-a", "ok"),
+        ]
+    finally:
+        await svc.stop()

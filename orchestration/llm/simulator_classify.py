@@ -122,7 +122,8 @@ _ANGRY = (
     "最悪",
 )  # fmt: skip
 _NEGATIVE = (
-    "broken", "damaged", "late", "delay", "delayed", "still not", "wrong", "missing",
+    "broken", "damaged", "faulty", "defective", "late", "delay", "delayed", "still not",
+    "wrong", "missing",
     "disappointed", "problem", "issue", "slow", "bad", "not happy", "never arrived",
     "坏", "破", "慢", "还没", "没收到", "错", "失望", "问题", "怎么还", "不满意", "差",
 )  # fmt: skip
@@ -220,7 +221,10 @@ def classify(text: str) -> dict[str, Any]:
 
 
 def _sentiment(text: str, lowered: str) -> str:
-    shouting = sum(1 for w in re.findall(r"\b[A-Z]{3,}\b", text) if not _COUPON_RE.fullmatch(w))
+    # Shouting is several all-caps words; order ids (ORD-1021), tracking numbers and product
+    # acronyms (LED, USB) are not.
+    plain = _TRACKING_RE.sub(" ", _ORDER_ID_RE.sub(" ", text))
+    shouting = sum(1 for w in re.findall(r"\b[A-Z]{4,}\b", plain) if not _COUPON_RE.fullmatch(w))
     if (
         _first_hit(_ANGRY_RE, lowered) is not None
         or "!!!" in text
