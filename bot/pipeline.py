@@ -187,7 +187,8 @@ class Pipeline:
                     target=target,
                     m=new,
                     prepare=self._prepare if message.answer else None,
-                )
+                ),
+                urgent=True,
             )
         except store.ConversationNotFound as e:
             raise UnknownConversation(message.conversation_id) from e
@@ -260,7 +261,8 @@ class Pipeline:
                     history_limit=self.reply_settings.history_messages,
                     trusted_channels=_TRUSTED_CHANNELS,
                     with_inbound=view is None,
-                )
+                ),
+                urgent=True,
             )
         if isinstance(begun, store.NotAnswering):
             if begun.human_channel is not None:

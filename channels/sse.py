@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from channels.base import ChannelHost, ConversationEvent
-from channels.replay import follow
+from channels.replay import follow, open_stream
 from channels.stream_cursor import StreamCursor
 
 HEARTBEAT_S = 15.0
@@ -54,6 +54,9 @@ async def stream_events(
     preamble: bytes = b"",
 ) -> web.StreamResponse:
     """Write the conversation's events from `cursor` on, until either end goes away."""
+    # Positioned before the headers go out: a client that waits for them and then posts
+    # sees the answer delta by delta, however fast it comes.
+    opened = await open_stream(host, conversation_id, cursor)
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
@@ -62,11 +65,15 @@ async def stream_events(
             **(headers or {}),
         }
     )
-    await resp.prepare(request)
     try:
-        await resp.write(b"retry: 2000\n\n" + preamble)
-        events = follow(host, conversation_id, cursor, heartbeat_s=HEARTBEAT_S)
+        await resp.prepare(request)
+    except BaseException:
+        opened.sub.close()
+        raise
+    events = follow(host, conversation_id, cursor, heartbeat_s=HEARTBEAT_S, opened=opened)
+    try:
         async with contextlib.aclosing(events):
+            await resp.write(b"retry: 2000\n\n" + preamble)
             async for ev in events:
                 if ev is None:
                     await resp.write(b": keep-alive\n\n")
@@ -74,4 +81,6 @@ async def stream_events(
                     await resp.write(frame(ev, cursor))
     except (ConnectionResetError, ConnectionError):
         pass
+    finally:
+        opened.sub.close()  # (also when the generator never started)
     return resp

@@ -30,8 +30,9 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from storage.sqlite_writer import SqliteWriter
+
 T = TypeVar("T")
-Unit = Callable[[Connection], T]
 
 # Reader threads for SQLite: enough to overlap a replay with a history read; each costs a
 # connection and its page cache.
@@ -40,8 +41,9 @@ _BUSY_TIMEOUT_MS = 10_000
 
 
 class Database(Protocol):
-    async def write(self, unit: Callable[[Connection], T]) -> T:
-        """Run `unit` in one transaction and commit (roll back if it raises)."""
+    async def write(self, unit: Callable[[Connection], T], *, urgent: bool = False) -> T:
+        """Run `unit` in one transaction and commit (roll back if it raises). `urgent`:
+        a shopper waits for it (the first delta does); it may go before others queued."""
         ...
 
     async def read(self, unit: Callable[[Connection], T]) -> T:
@@ -53,14 +55,14 @@ class Database(Protocol):
 
 
 class AsyncEngineDatabase:
-    """Units on the async engine's pool (PostgreSQL)."""
+    """Units on the async engine's pool (the fallback: see the module's docstring)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         # Reads need no transaction: no BEGIN/ROLLBACK round trips around them.
         self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
 
-    async def write(self, unit: Callable[[Connection], T]) -> T:
+    async def write(self, unit: Callable[[Connection], T], *, urgent: bool = False) -> T:
         async with self.engine.begin() as conn:
             return await conn.run_sync(unit)
 
@@ -83,11 +85,9 @@ class ThreadedDatabase:
         writers: int,
         readers: int,
         name: str,
-        begin_sql: str | None = None,
     ) -> None:
         self._write_engine = write_engine
         self._read_engine = read_engine
-        self._begin_sql = begin_sql
         self._local = threading.local()
         self._writer = ThreadPoolExecutor(writers, thread_name_prefix=f"{name}-writer")
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix=f"{name}-reader")
@@ -107,10 +107,6 @@ class ThreadedDatabase:
     def _write(self, unit: Callable[[Connection], T]) -> T:
         conn = self._connection(self._write_engine)
         with conn.begin():
-            if self._begin_sql is not None:
-                # SQLite: BEGIN IMMEDIATE takes the write lock up front; straight to the
-                # driver (the dialect's begin is a no-op, its commit commits this).
-                conn.connection.driver_connection.execute(self._begin_sql)  # type: ignore[union-attr]
             return unit(conn)
 
     def _read(self, unit: Callable[[Connection], T]) -> T:
@@ -120,7 +116,7 @@ class ThreadedDatabase:
         finally:
             conn.rollback()  # ends the autobegun (no-op in autocommit) transaction
 
-    async def write(self, unit: Callable[[Connection], T]) -> T:
+    async def write(self, unit: Callable[[Connection], T], *, urgent: bool = False) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, self._write, unit)
 
     async def read(self, unit: Callable[[Connection], T]) -> T:
@@ -145,18 +141,29 @@ class ThreadedDatabase:
 
 
 class SqliteThreads(ThreadedDatabase):
-    """One writer thread (SQLite has one writer), read-only reader threads beside it."""
+    """One writer thread (SQLite has one writer: storage/sqlite_writer.py, which puts
+    urgent units first and commits units that waited together at once), read-only reader
+    threads beside it."""
 
     def __init__(self, url: str, readers: int = SQLITE_READERS) -> None:
         sync_url = make_url(url).set(drivername="sqlite+pysqlite")
+        write_engine = _sqlite_engine(sync_url, pool_size=1, read_only=False)
         super().__init__(
-            _sqlite_engine(sync_url, pool_size=1, read_only=False),
+            write_engine,
             _sqlite_engine(sync_url, pool_size=readers, read_only=True),
-            writers=1,
+            writers=1,  # (unused: the SqliteWriter writes)
             readers=readers,
             name="sqlite",
-            begin_sql="BEGIN IMMEDIATE",
         )
+        self._sqlite_writer = SqliteWriter(write_engine, "BEGIN IMMEDIATE")
+
+    async def write(self, unit: Callable[[Connection], T], *, urgent: bool = False) -> T:
+        return await self._sqlite_writer.submit(unit, urgent=urgent)
+
+    async def close(self) -> None:
+        if not self._closed:
+            await asyncio.get_running_loop().run_in_executor(None, self._sqlite_writer.stop)
+        await super().close()
 
 
 class PostgresThreads(ThreadedDatabase):
@@ -209,14 +216,16 @@ def _sqlite_engine(url: Any, *, pool_size: int, read_only: bool) -> Engine:
 
 
 def for_engine(engine: AsyncEngine, pool_size: int = 10) -> Database:
-    """The way to run units on `engine`'s database (see the module's docstring);
-    `pool_size` connections write (PostgreSQL), half as many read."""
+    """The way to run units on `engine`'s database (see the module's docstring). On
+    PostgreSQL up to twice `pool_size` threads write (as many connections as the async
+    engine's pool may open: a unit mostly waits for round trips and commits, so more of
+    them at once hide that), half `pool_size` read."""
     url = engine.url
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         return SqliteThreads(url.render_as_string(hide_password=False))
     if url.get_backend_name() == "postgresql" and not url.query and _has_psycopg():
         # (Driver options in the URL are asyncpg's: then the async engine it is.)
-        return PostgresThreads(url, writers=pool_size, readers=max(2, pool_size // 2))
+        return PostgresThreads(url, writers=2 * pool_size, readers=max(2, pool_size // 2))
     return AsyncEngineDatabase(engine)
 
 

@@ -6,7 +6,8 @@ concurrent writers and readers, a redelivery hits the unique key)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 import pytest
@@ -19,11 +20,18 @@ from storage import turns as store
 from storage.models import Direction, MessageStatus, Sender
 
 
-@pytest.fixture
-async def units(db_url: str) -> AsyncIterator[executor.Database]:
+@pytest.fixture(params=["threads", "async-engine"])
+async def units(db_url: str, request: pytest.FixtureRequest) -> AsyncIterator[executor.Database]:
+    """What the service uses (threads), and the async engine it falls back to (PostgreSQL
+    without psycopg or with asyncpg options in the URL, SQLite in memory)."""
     engine = db.create_engine(db_url)
     await db.upgrade(engine)
-    database = executor.for_engine(engine)
+    database: executor.Database
+    if request.param == "threads":
+        database = executor.for_engine(engine)
+        assert not isinstance(database, executor.AsyncEngineDatabase)
+    else:
+        database = executor.AsyncEngineDatabase(engine)
     yield database
     await database.close()
     await engine.dispose()
@@ -267,3 +275,47 @@ async def test_an_idle_conversation_gets_the_answer_reserved_with_the_message(
         (3, "in", "received"),
         (4, "in", "received"),
     ]
+
+
+async def test_sqlite_writer_puts_urgent_units_first_and_commits_waiting_ones_together(
+    sqlite_url: str,
+) -> None:
+    engine = db.create_engine(sqlite_url)
+    await db.upgrade(engine)
+    database = executor.for_engine(engine)
+    try:
+        first = await _post(database, "fay", "0")
+        cid = first.conversation_id
+        release = threading.Event()
+        order: list[str] = []
+
+        def blocker(conn: Connection) -> None:
+            release.wait(10)  # holds the writer while the others queue up
+
+        def unit(name: str, text: str) -> Callable[[Connection], int]:
+            def run(conn: Connection) -> int:
+                order.append(name)
+                row, _, _ = store.store_inbound(conn, _target("fay", cid), _inbound(text, name))
+                return row.seq
+
+            return run
+
+        blocked = asyncio.create_task(database.write(blocker))
+        await asyncio.sleep(0.05)
+        normal = [asyncio.create_task(database.write(unit(f"n{i}", str(i)))) for i in range(3)]
+        # A redelivery (its external id is taken) fails alone, undoing only itself.
+        dup = asyncio.create_task(database.write(unit("n0", "again")))
+        urgent = asyncio.create_task(database.write(unit("u", "urgent"), urgent=True))
+        await asyncio.sleep(0.05)
+        release.set()
+        await blocked
+        seqs = await asyncio.gather(*normal)
+        with pytest.raises(IntegrityError):
+            await dup
+        assert await urgent == 2  # ahead of the three queued before it
+        assert order[0] == "u" and seqs == [3, 4, 5]
+        rows = await database.read(partial(store.list_messages, conversation_id=cid, limit=10))
+        assert [r.text for r in rows] == ["0", "urgent", "0", "1", "2"]
+    finally:
+        await database.close()
+        await engine.dispose()

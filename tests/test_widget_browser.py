@@ -377,7 +377,8 @@ async def test_phone_layout_chinese_texts_and_agents(
         " return [t.fontFamily, t.color, b.width]; }"
     )
     assert styles[0].startswith("system-ui") and styles[1] != "rgb(255, 0, 0)"
-    assert styles[2] == 40
+    # Sub-pixel layout may give 39.99: what matters is the page's `all: unset` didn't apply.
+    assert abs(styles[2] - 40) < 0.5
 
 
 async def test_image_attachment_and_sse_fallback(
