@@ -144,7 +144,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     channels: dict[str, Channel] = app[CHANNELS]
     tools = ToolRunner(settings.tools, base_url=_own_url(settings))
     orchestrator = Orchestrator(
-        ModelRunner(models, Guards(settings.resilience), settings.resilience),
+        ModelRunner(
+            models,
+            Guards(settings.resilience),
+            settings.resilience,
+            flush_seconds=settings.reply.stream_flush_ms / 1000,
+        ),
         Router(settings.routing),
         settings.specialists,
         tools,

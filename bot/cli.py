@@ -9,6 +9,7 @@ from importlib import resources
 
 from pydantic import ValidationError
 
+from bot import eventloop
 from bot import logging as logs
 from bot.settings import ConfigError, Settings, load_settings
 from channels.telegram.cli import register_cli as register_telegram_cli
@@ -35,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.server.port = args.port
     logs.configure(settings.log.format, settings.log.level)
     try:
-        asyncio.run(serve(settings))
+        eventloop.run(serve(settings), settings.server.event_loop)
     except OSError as e:
         print(
             f"swarmdesk: cannot listen on {settings.server.host}:{settings.server.port}: {e}; "

@@ -68,6 +68,13 @@ class ReplySettings(_Section):
     history_messages: int = Field(40, gt=0, description="how many stored messages to load")
     max_output_tokens: int = Field(800, gt=0)
     turn_deadline_seconds: float = Field(30.0, gt=0)
+    stream_flush_ms: int = Field(
+        50,
+        ge=0,
+        le=1000,
+        description="tokens arriving within this time of the last handed-on delta go on "
+        "together (0: as they arrive); the first token always goes at once",
+    )
     fallback_text: str = (
         "Sorry, I can't answer that right now. A colleague will get back to you shortly."
     )

@@ -64,8 +64,16 @@ class _Attempt:
     lost hedge race must be able to stop it without cancelling the caller.
     """
 
-    def __init__(self, entry: ModelEntry, tier: str, spec: CallSpec, messages: list[ChatMessage]):
+    def __init__(
+        self,
+        entry: ModelEntry,
+        tier: str,
+        spec: CallSpec,
+        messages: list[ChatMessage],
+        flush_s: float = 0.0,
+    ):
         self.entry = entry
+        self.flush_s = flush_s
         self.tier = tier
         self.spec = spec
         self.stream: ChatStream = entry.client.stream_chat(
@@ -82,15 +90,46 @@ class _Attempt:
         self._timer_deadline = 0.0
 
     async def _produce(self) -> None:
+        # Deltas are handed on at most once per `flush_s`: the first at once, the ones that
+        # follow it within that time together. Every layer above (orchestration, the
+        # channel sinks, the event bus and its streams) then wakes ~20 times a second per
+        # answer instead of once per token, which is what keeps a busy loop responsive.
+        loop = asyncio.get_running_loop()
+        pending: list[str] = []
+        timer: asyncio.TimerHandle | None = None
+        next_at = 0.0
+
+        def flush() -> None:
+            nonlocal timer, next_at
+            timer = None
+            if pending:
+                self.queue.put_nowait("".join(pending))
+                pending.clear()
+                next_at = loop.time() + self.flush_s
+
         try:
             async with self.stream:
                 async for delta in self.stream:
-                    if delta:
-                        self.queue.put_nowait(delta)
+                    if not delta:
+                        continue
+                    pending.append(delta)
+                    if timer is None:
+                        if loop.time() >= next_at:
+                            flush()
+                        else:
+                            timer = loop.call_at(next_at, flush)
+            if timer is not None:
+                timer.cancel()
+            flush()
             self.queue.put_nowait(None)
         except asyncio.CancelledError:
+            if timer is not None:
+                timer.cancel()
             raise
         except BaseException as e:  # handed to the consumer, which raises it
+            if timer is not None:
+                timer.cancel()
+            flush()  # what streamed before the failure still counts as sent
             self.queue.put_nowait(e)
 
     def _arm(self, deadline: float) -> None:
@@ -171,10 +210,18 @@ class ChainResult:
 
 
 class ModelRunner:
-    def __init__(self, models: ModelRegistry, guards: Guards, settings: ResilienceSettings) -> None:
+    def __init__(
+        self,
+        models: ModelRegistry,
+        guards: Guards,
+        settings: ResilienceSettings,
+        *,
+        flush_seconds: float = 0.0,
+    ) -> None:
         self.models = models
         self.guards = guards
         self.settings = settings
+        self.flush_seconds = flush_seconds  # see _Attempt._produce
 
     def call(
         self,
@@ -281,7 +328,9 @@ class ChainCall:
 
     async def _first(self, index: int, sent: str) -> tuple[_Attempt, str | None, int]:
         entry = self._chain[index]
-        attempt = _Attempt(entry, self.tier, self.spec, self._messages(sent))
+        attempt = _Attempt(
+            entry, self.tier, self.spec, self._messages(sent), self.runner.flush_seconds
+        )
         hedge_after = self.runner.settings.hedge_after_seconds
         backup_index = self._next_available(index + 1)
         if backup_index is None and self._next_available(index) == index:
@@ -311,7 +360,13 @@ class ChainCall:
             except LLMError as e:
                 self._fail(attempt, e)
                 raise
-        backup = _Attempt(self._chain[backup_index], self.tier, self.spec, self._messages(sent))
+        backup = _Attempt(
+            self._chain[backup_index],
+            self.tier,
+            self.spec,
+            self._messages(sent),
+            self.runner.flush_seconds,
+        )
         log.info("model_hedged", slow=entry.ref, backup=self._chain[backup_index].ref)
         return await self._race(attempt, index, backup, backup_index)
 
@@ -405,9 +460,7 @@ class ChainCall:
             if failed_walks >= settings.chain_walks:
                 break
             now = time.monotonic()
-            ready = min(
-                self.runner.guards.get(e.ref, *_limits(e)).ready_at() for e in self._chain
-            )
+            ready = min(self.runner.guards.get(e.ref, *_limits(e)).ready_at() for e in self._chain)
             backoff = settings.backoff_initial_seconds * (2 ** max(failed_walks - 1, 0))
             wait = max(ready - now, backoff * random.uniform(0.5, 1.0), 0.05)
             if now + wait + settings.min_attempt_seconds > self.deadline:

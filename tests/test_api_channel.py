@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import select
 
+from bot.settings import Settings
 from storage.models import LLMCall
-from tests.support import RunningService, SseEvent, eventually, sse_events
+from tests.support import RunningService, SseEvent, eventually, sse_events, start_service
 
 
 async def collect_answer(
@@ -263,3 +266,31 @@ async def test_bad_input_gets_clear_errors_and_loses_nothing(
     await eventually(lambda: svc.answered(ok.json()["conversation_id"], ok.json()["message_id"]))
     msgs = await svc.messages(ok.json()["conversation_id"])
     assert [m["text"] for m in msgs if m["direction"] == "in"] == ["still there?"]
+
+
+@pytest.mark.parametrize("flush_ms", [0, 1000])
+async def test_tokens_close_together_reach_the_stream_together(
+    sqlite_url: str, settings_factory: Callable[..., Settings], flush_ms: int
+) -> None:
+    """`reply.stream_flush_ms`: the first token goes out at once, the ones that follow within
+    the window together; 0 passes every token on by itself. No text is lost either way."""
+    svc = await start_service(settings_factory(sqlite_url, reply={"stream_flush_ms": flush_ms}))
+    try:
+        # Six tokens 100 ms apart.
+        text = "hello there [[sim:tps=10,tokens=6]]"
+        r = await svc.post(contact_id="flush", text=text, client_message_id="f1")
+        body = r.json()
+        events = await asyncio.wait_for(
+            collect_answer(svc, body["conversation_id"], after=body["seq"] - 1), 30
+        )
+        async with svc.services.pipeline.sessions() as s:
+            (call,) = list((await s.execute(select(LLMCall))).scalars())
+    finally:
+        await svc.stop()
+    deltas = [e.data["text"] for e in events if e.event == "delta"]
+    assert "".join(deltas) == events[-1].data["text"]
+    assert call.output_tokens == 6
+    if flush_ms == 0:
+        assert len(deltas) == 6
+    else:
+        assert len(deltas) == 2  # the first token, then the other five at the end

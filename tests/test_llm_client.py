@@ -312,6 +312,44 @@ async def test_finish_reason_without_done_is_complete() -> None:
     assert stats.usage.estimated
 
 
+async def test_events_split_across_and_packed_into_writes() -> None:
+    """A provider's TCP writes need not match SSE events: a line cut in two (even inside a
+    multi-byte character), several events in one write, CRLF line ends."""
+    first = f"data: {json.dumps(delta_chunk('你好'), ensure_ascii=False)}\n\n".encode()
+    cut = first.index("好".encode()) + 1  # inside the character's UTF-8 bytes
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = await start_sse(request)
+        await response.write(first[:cut])
+        await asyncio.sleep(0.05)
+        await response.write(first[cut:] + sse(delta_chunk(", ")) + sse(delta_chunk("world")))
+        await asyncio.sleep(0.05)
+        tail = sse(delta_chunk(None, "stop")) + b"data: [DONE]\n\n"
+        await response.write(tail.replace(b"\n", b"\r\n"))
+        return response
+
+    async with fake_provider(handler) as url, ProviderClient("p", url, None) as client:
+        async with client.stream_chat("m", MESSAGES) as stream:
+            deltas = [d async for d in stream]
+    assert "".join(deltas) == "你好, world"
+    assert deltas[0] == "你好"  # the first token as soon as its line is whole
+    assert stream.stats.finish_reason == "stop"
+
+
+async def test_endless_sse_line_is_a_server_error() -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = await start_sse(request)
+        await response.write(sse(delta_chunk("Hi")))
+        for _ in range(40):  # 1.3 MB without a line end
+            await response.write(b"x" * 32768)
+        return response
+
+    async with fake_provider(handler) as url, ProviderClient("p", url, None) as client:
+        err = await fails_with(client.complete_chat("m", MESSAGES))
+    assert err.kind is ErrorKind.SERVER
+    assert err.partial_text == "Hi"
+
+
 async def test_mid_stream_read_timeout_keeps_partial_text() -> None:
     release = asyncio.Event()
 
