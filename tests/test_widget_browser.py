@@ -1,7 +1,7 @@
 """The widget in a real browser: Debian's Chromium, headless, driven by Playwright.
 
 Pages come from a small "shop" server on its own origin (as on a shop's site) or from the
-demo shop that swarmdesk serves at /. The screenshots in docs/screenshots/ are taken here.
+demo shop that swarmdesk serves at /. The README's screenshots (docs/screenshots/) are taken here.
 """
 
 from __future__ import annotations
