@@ -1,12 +1,14 @@
 """Shared helpers of the benchmark scenarios.
 
-Process management (start the simulator and the service on free ports, wait until they are
-ready, always stop them), statistics (percentiles), psutil sampling, a throw-away PostgreSQL
-database, and writing the JSON and PNG results.
+Common command-line options, child processes (`ManagedProcess`, readiness; a run's set of
+them is `bench.processes.Workspace`), the simulator baseline, statistics (percentiles),
+psutil sampling (CPU windows, RSS), a throw-away PostgreSQL database, service config
+sections, and writing the JSON and PNG results and the summary tables.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ctypes
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,10 +32,53 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import psutil
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 PERCENTILES = (50.0, 90.0, 99.0)
+
+# --- command line -----------------------------------------------------------------------
+
+
+def add_simulator_arguments(
+    p: argparse.ArgumentParser, *, reply_tokens: int = 40, reply_help: str | None = None
+) -> None:
+    """The simulator's speed: --sim-first-token-ms, --sim-tps, --reply-tokens."""
+    p.add_argument("--sim-first-token-ms", type=float, default=300.0)
+    p.add_argument("--sim-tps", type=float, default=50.0, help="simulator tokens per second")
+    p.add_argument("--reply-tokens", type=int, default=reply_tokens, help=reply_help)
+
+
+def simulator_options(args: argparse.Namespace) -> list[str]:
+    """The simulator's command-line options for `add_simulator_arguments`' arguments."""
+    return [
+        *("--first-token-ms", str(args.sim_first_token_ms), "--tps", str(args.sim_tps)),
+        *("--reply-tokens", str(args.reply_tokens)),
+    ]
+
+
+def add_db_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
+    p.add_argument(
+        "--pg-admin-dsn",
+        default=os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
+        help="where to CREATE/DROP the throw-away database for --db postgres",
+    )
+
+
+def add_output_arguments(p: argparse.ArgumentParser, *, profile: bool = False) -> None:
+    """--out and --tag; with `profile`, --profile (for scenarios that can run the service
+    under cProfile)."""
+    p.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results directory")
+    p.add_argument("--tag", default="", help="suffix of the result file names")
+    if profile:
+        p.add_argument(
+            "--profile",
+            action="store_true",
+            help="run the service under cProfile (slower!) and write <name>.service.prof/.txt",
+        )
+
 
 # --- statistics -------------------------------------------------------------------------
 
@@ -71,6 +116,17 @@ def fmt_ms(value: float | int | None) -> str:
     return f"{value:.1f}"
 
 
+def overhead_ms(
+    measured: Mapping[str, Any], baseline: Mapping[str, Any]
+) -> dict[str, float | None]:
+    """p50 and p99 of two `summarize` results, `measured` minus `baseline`."""
+    out: dict[str, float | None] = {}
+    for p in ("p50", "p99"):
+        a, b = measured.get(p), baseline.get(p)
+        out[p] = round(float(a) - float(b), 2) if a is not None and b is not None else None
+    return out
+
+
 # --- processes --------------------------------------------------------------------------
 
 
@@ -79,6 +135,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def http_client(sock_read_s: float | None = None) -> aiohttp.ClientSession:
+    """A client without a connection limit (the load opens many at once).
+
+    With `sock_read_s`: no total timeout (streams last as long as the run), only this one
+    per read; without it, aiohttp's defaults.
+    """
+    connector = aiohttp.TCPConnector(limit=0)
+    if sock_read_s is None:
+        return aiohttp.ClientSession(connector=connector)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=sock_read_s)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -108,12 +177,18 @@ class ManagedProcess:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        port: int | None = None,
+        ready_path: str = "/healthz",
+        stop_grace_s: float = 10.0,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
+        self._port = port  # where it listens on 127.0.0.1, if it serves HTTP
+        self.ready_path = ready_path  # answers 200 once it is ready
+        self.stop_grace_s = stop_grace_s
         self.popen: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -121,6 +196,15 @@ class ManagedProcess:
     def pid(self) -> int:
         assert self.popen is not None, f"{self.name} was not started"
         return self.popen.pid
+
+    @property
+    def port(self) -> int:
+        assert self._port is not None, f"{self.name} has no port"
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         self._log = self.log_path.open("wb")
@@ -140,10 +224,15 @@ class ManagedProcess:
     def exited(self) -> int | None:
         return None if self.popen is None else self.popen.poll()
 
-    def stop(self, grace_s: float = 10.0) -> int | None:
-        """SIGTERM, wait up to `grace_s`, then SIGKILL. Returns the exit code."""
+    def stop(self, grace_s: float | None = None) -> int | None:
+        """SIGTERM, wait up to `grace_s` (default: `stop_grace_s`), then SIGKILL.
+
+        Returns the exit code.
+        """
         if self.popen is None:
             return None
+        if grace_s is None:
+            grace_s = self.stop_grace_s
         p = self.popen
         if p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -200,6 +289,82 @@ async def wait_ready(
         f"{proc.name} not ready at {url} after {timeout_s:.0f} s ({last}); log tail:\n"
         + proc.log_tail()
     )
+
+
+async def wait_all_ready(session: aiohttp.ClientSession, *procs: ManagedProcess) -> None:
+    """`wait_ready` for each process at its own ready URL, in turn."""
+    for proc in procs:
+        await wait_ready(session, proc.url + proc.ready_path, proc)
+
+
+# --- service config ---------------------------------------------------------------------
+
+
+def base_service_config(port: int, db_url: str) -> dict[str, Any]:
+    """The sections every scenario's service has: its port, its database, a JSON log of
+    warnings and errors (scanned after the run)."""
+    return {
+        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": 5},
+        "database": {"url": db_url},
+        "log": {"format": "json", "level": "warning"},
+    }
+
+
+def simulator_provider(
+    sim_port: int, models: Sequence[Mapping[str, Any]], **options: Any
+) -> dict[str, Any]:
+    """A `providers[]` entry named `sim` for the simulator listening on `sim_port`."""
+    return {
+        "name": "sim",
+        "base_url": f"http://127.0.0.1:{sim_port}/v1",
+        **options,
+        "models": [dict(m) for m in models],
+    }
+
+
+FALLBACK_TEXT = "Sorry, I can't answer that right now. A colleague will get back to you shortly."
+
+
+def one_specialist_sections(
+    sim_port: int,
+    *,
+    max_concurrency: int,
+    turn_deadline_s: float,
+    specialist_timeout_s: float,
+    **reply: Any,
+) -> dict[str, Any]:
+    """One model (`sim-chat`) for both tiers, one specialist for every message and no LLM
+    routing: one model call per answer, so the answer's time is the model's plus the
+    channel's. `reply` adds to the `reply` section."""
+    provider = simulator_provider(
+        sim_port,
+        [{"name": "sim-chat", "input_price_per_mtok": 0.27}],
+        first_token_timeout_seconds=20,
+        max_concurrency=max_concurrency,
+    )
+    return {
+        "providers": [provider],
+        "tiers": {"cheap": ["sim/sim-chat"], "premium": ["sim/sim-chat"]},
+        "reply": {
+            "fallback_text": FALLBACK_TEXT,
+            "turn_deadline_seconds": turn_deadline_s,
+            **reply,
+        },
+        "routing": {"llm_below": 0},
+        "specialists": [
+            {
+                "name": "general",
+                "intents": ["other"],
+                "timeout_seconds": specialist_timeout_s,
+                "system_prompt": "You are the shop's assistant. Answer briefly.",
+            }
+        ],
+    }
+
+
+def write_yaml(path: Path, data: Mapping[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(dict(data), sort_keys=False, allow_unicode=True), "utf-8")
+    return path
 
 
 # --- PostgreSQL -------------------------------------------------------------------------
@@ -270,6 +435,36 @@ async def wait_quiet(
         print(f"bench: other processes keep {other:.2f} cores busy; waiting for quiet")
 
 
+def psutil_processes(named: Mapping[str, ManagedProcess | None]) -> dict[str, psutil.Process]:
+    """psutil handles by name, in the given order; None stands for this process (the load
+    generator)."""
+    return {
+        name: psutil.Process(os.getpid() if proc is None else proc.pid)
+        for name, proc in named.items()
+    }
+
+
+class CpuWindow:
+    """CPU seconds of some processes and of the whole machine from creation to `stop()`."""
+
+    def __init__(self, procs: Mapping[str, psutil.Process]) -> None:
+        self.procs = procs
+        self._cpu0 = {n: cpu_seconds(p) for n, p in procs.items()}
+        self._busy0 = machine_busy_seconds()
+        self.cpu: dict[str, float] = {}  # by name, set by stop()
+        self.machine_busy_s = 0.0
+
+    def stop(self) -> dict[str, float]:
+        self.cpu = {n: cpu_seconds(p) - self._cpu0[n] for n, p in self.procs.items()}
+        self.machine_busy_s = machine_busy_seconds() - self._busy0
+        return self.cpu
+
+    @property
+    def others_s(self) -> float:
+        """CPU seconds of every other process on the machine (other people's tests, ...)."""
+        return max(0.0, self.machine_busy_s - sum(self.cpu.values()))
+
+
 @dataclass
 class RssSampler:
     """Samples the resident set size of some processes every `interval_s` seconds."""
@@ -308,6 +503,117 @@ class RssSampler:
 
     def peak_mb(self, name: str) -> float:
         return round(self.peak_bytes.get(name, 0) / 2**20, 1)
+
+
+# --- the simulator and the service over HTTP ---------------------------------------------
+
+
+async def simulator_baseline(
+    http: aiohttp.ClientSession,
+    sim_base: str,
+    count: int,
+    rate: float,
+    questions: Sequence[str],
+    *,
+    model: str = "sim-cheap",
+    warmup: int = 5,
+) -> tuple[list[float], int]:
+    """Time to the first content delta of `count` direct streamed calls, paced at `rate`/s,
+    after `warmup` unmeasured ones; prints p50 and p99.
+
+    Returns (latencies in ms, failures).
+    """
+    await _simulator_first_tokens(http, sim_base, warmup, rate, questions, model)
+    baseline, failures = await _simulator_first_tokens(
+        http, sim_base, count, rate, questions, model
+    )
+    print(
+        f"bench: simulator baseline first token p50 {percentile(baseline, 50):.1f} ms,"
+        f" p99 {percentile(baseline, 99):.1f} ms (n={len(baseline)})"
+    )
+    return baseline, failures
+
+
+async def _simulator_first_tokens(
+    http: aiohttp.ClientSession,
+    sim_base: str,
+    count: int,
+    rate: float,
+    questions: Sequence[str],
+    model: str,
+) -> tuple[list[float], int]:
+    failures = 0
+
+    async def one(i: int) -> float | None:
+        nonlocal failures
+        body = {
+            "model": model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [
+                {"role": "system", "content": "You are the customer-service assistant."},
+                {"role": "user", "content": questions[i % len(questions)]},
+            ],
+        }
+        started = time.perf_counter()
+        first: float | None = None
+        try:
+            async with http.post(f"{sim_base}/chat/completions", json=body) as r:
+                if r.status != 200:
+                    failures += 1
+                    return None
+                buf = b""
+                async for chunk in r.content.iter_any():
+                    if first is not None:
+                        continue  # read to the end, like the service does
+                    now = time.perf_counter()
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        if not line.startswith(b"data: {"):
+                            continue
+                        choices = json.loads(line[6:]).get("choices") or [{}]
+                        if choices[0].get("delta", {}).get("content"):
+                            first = now
+                            break
+        except (aiohttp.ClientError, TimeoutError):
+            failures += 1
+            return None
+        if first is None:
+            failures += 1
+            return None
+        return (first - started) * 1000.0
+
+    tasks: list[asyncio.Task[float | None]] = []
+    start = time.perf_counter()
+    for i in range(count):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    results = await asyncio.gather(*tasks)
+    return [r for r in results if r is not None], failures
+
+
+async def fetch_text(http: aiohttp.ClientSession, url: str) -> str | None:
+    """The body of a GET, or None when it failed (metrics are nice to have, not essential)."""
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        async with http.get(url) as r:
+            return await r.text()
+    return None
+
+
+async def service_metrics(http: aiohttp.ClientSession, svc_url: str) -> dict[str, float]:
+    text = await fetch_text(http, f"{svc_url}/metrics")
+    return parse_prometheus(text) if text is not None else {}
+
+
+async def simulator_stats(http: aiohttp.ClientSession, sim_url: str) -> dict[str, Any]:
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+        async with http.get(f"{sim_url}/_sim/stats") as r:
+            data = await r.json()
+            return data if isinstance(data, dict) else {}
+    return {}
 
 
 # --- service logs and metrics -----------------------------------------------------------
@@ -484,6 +790,52 @@ def profile_report(prof: Path, stem: Path, top: int = 40) -> list[Path]:
     return [out_prof, out_txt]
 
 
+def save_results(
+    out: Path,
+    stem: str,
+    result: Mapping[str, Any],
+    plot: Callable[[Path], None],
+    *,
+    service_log: Path | None = None,
+    profile: Path | None = None,
+) -> list[Path]:
+    """`<stem>.json` and the `<stem>.png` that `plot` draws in `out`; with `service_log`, a
+    copy of it when the service logged warnings (or anything not JSON); with `profile`, the
+    cProfile report if the service wrote one. Returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = [write_json(out / f"{stem}.json", result)]
+    png = out / f"{stem}.png"
+    plot(png)
+    files.append(png)
+    log = result.get("service_log") or {}
+    if service_log is not None and (log.get("counts") or log.get("non_json_lines")):
+        files.append(out / f"{stem}.service.log")
+        shutil.copyfile(service_log, files[-1])
+    if profile is not None and profile.exists():
+        files += profile_report(profile, out / f"{stem}.service")
+    return files
+
+
+def latency_header(title: str, width: int) -> str:
+    return f"  {title:<{width}}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}{'n':>8}"
+
+
+def latency_row(label: str, s: Mapping[str, Any], width: int) -> str:
+    """One row of a `latency_header` table from a `summarize` result."""
+    cells = "".join(f"{fmt_ms(s.get(k)):>9}" for k in ("p50", "p90", "p99", "max"))
+    return f"  {label:<{width}}{cells}{s.get('count', 0):>8}"
+
+
+def summary_tail(r: Mapping[str, Any], files: Sequence[Path]) -> list[str]:
+    """The last lines of every summary: notes, problems, warnings, the files written."""
+    lines = [f"  note: {note}" for note in r.get("notes", [])[:5]]
+    if r["problems"]:
+        lines.append("PROBLEMS: " + "; ".join(r["problems"]))
+    lines += [f"WARNING: {warning}" for warning in r.get("warnings", [])]
+    lines.append("results: " + ", ".join(str(f) for f in files))
+    return lines
+
+
 def pyplot() -> Any:
     """matplotlib.pyplot with the Agg backend (no display needed)."""
     import matplotlib
@@ -501,3 +853,26 @@ def percentile_curve(values: Sequence[float]) -> tuple[list[float], list[float]]
     s = sorted(values)
     ps = [float(p) for p in range(0, 90)] + [90 + i * 0.1 for i in range(0, 100)] + [100.0]
     return ps, [percentile(s, p) for p in ps]
+
+
+def plot_percentiles(
+    ax: Any, series: Mapping[str, Sequence[float]], ylabel: str, *, tail: float = 0.1
+) -> None:
+    """Latency by percentile: x is the share of values slower than y, on a log scale down to
+    `tail` percent, so the tail stretches out to the right."""
+    for label, values in series.items():
+        ps, vs = percentile_curve(values)
+        if ps:
+            ax.plot([100 - x for x in ps[:-1]], vs[:-1], label=f"{label} (n={len(values)})")
+    ax.set_xscale("log")
+    ax.set_xlim(100, tail)
+    ticks = [t for t in (100, 50, 10, 1, 0.1, 0.01) if t >= tail]
+    ax.set_xticks(ticks, [f"p{100 - t:g}" for t in ticks])
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def save_figure(plt: Any, fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

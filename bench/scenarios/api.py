@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 import yaml
 
-from bench import common
+from bench import common, processes
 from bench.sse import SseEvent, SseParser
 
 NAME = "api"
@@ -98,15 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"(simulated reply time + {CONVERSATION_SLACK_S:g} s), which keeps one message "
         "outstanding per conversation while the service keeps up",
     )
-    p.add_argument("--sim-first-token-ms", type=float, default=300.0)
-    p.add_argument("--sim-tps", type=float, default=50.0, help="simulator tokens per second")
-    p.add_argument("--reply-tokens", type=int, default=40)
-    p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
-    p.add_argument(
-        "--pg-admin-dsn",
-        default=os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
-        help="where to CREATE/DROP the throw-away database for --db postgres",
-    )
+    common.add_simulator_arguments(p)
+    common.add_db_arguments(p)
     p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--baseline-requests", type=int, default=50)
@@ -139,13 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="YAML merged over the generated service config (e.g. reply: or specialists:)",
     )
-    p.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS, help="results directory")
-    p.add_argument("--tag", default="", help="suffix of the result file names")
-    p.add_argument(
-        "--profile",
-        action="store_true",
-        help="run the service under cProfile (slower!) and write <name>.service.prof/.txt",
-    )
+    common.add_output_arguments(p, profile=True)
     p.add_argument(
         "--tmp-dir",
         type=Path,
@@ -503,6 +488,27 @@ class ApiLoad:
             "end": time.perf_counter(),
         }
 
+    def send_lag_ms(self) -> list[float]:
+        """How late each measured message went out against its schedule (one that waited
+        for its conversation to be created is late by design, not counted)."""
+        return [
+            (msg.sent - msg.scheduled) * 1000
+            for msg in self.msgs
+            if not math.isnan(msg.sent) and not msg.waited_for_conversation
+        ]
+
+    def errors(self) -> int:
+        """Failed POSTs, error events, stream HTTP errors and finals that match nothing."""
+        c = self.counters
+        return (
+            c["post_errors"]
+            + c["error_events"]
+            + c["stream_http_errors"]
+            + c["finals_without_reply_to"]
+            + c["unreadable_events"]
+            + c["finals_for_unknown_messages"]
+        )
+
     async def close(self) -> None:
         self.stopping = True
         tasks = [c.task for c in self.convs if c.task is not None]
@@ -513,69 +519,6 @@ class ApiLoad:
         await asyncio.gather(*tasks, return_exceptions=True)
         for pending in self.late.values():
             self.counters["finals_for_unknown_messages"] += len(pending)
-
-
-# --- simulator baseline -----------------------------------------------------------------
-
-
-async def simulator_baseline(
-    http: aiohttp.ClientSession, sim_base: str, count: int, rate: float
-) -> tuple[list[float], int]:
-    """Time to the first content delta of `count` direct streamed calls, paced at `rate`/s.
-
-    Returns (latencies in ms, failures).
-    """
-    failures = 0
-
-    async def one(i: int) -> float | None:
-        nonlocal failures
-        body = {
-            "model": SIM_MODELS["cheap"][0],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": [
-                {"role": "system", "content": "You are the customer-service assistant."},
-                {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
-            ],
-        }
-        started = time.perf_counter()
-        first: float | None = None
-        try:
-            async with http.post(f"{sim_base}/chat/completions", json=body) as r:
-                if r.status != 200:
-                    failures += 1
-                    return None
-                buf = b""
-                async for chunk in r.content.iter_any():
-                    if first is not None:
-                        continue  # read to the end, like the service does
-                    now = time.perf_counter()
-                    buf += chunk
-                    *lines, buf = buf.split(b"\n")
-                    for line in lines:
-                        if not line.startswith(b"data: {"):
-                            continue
-                        choices = json.loads(line[6:]).get("choices") or [{}]
-                        if choices[0].get("delta", {}).get("content"):
-                            first = now
-                            break
-        except (aiohttp.ClientError, TimeoutError):
-            failures += 1
-            return None
-        if first is None:
-            failures += 1
-            return None
-        return (first - started) * 1000.0
-
-    tasks: list[asyncio.Task[float | None]] = []
-    start = time.perf_counter()
-    for i in range(count):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i)))
-    results = await asyncio.gather(*tasks)
-    return [r for r in results if r is not None], failures
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -599,22 +542,15 @@ def service_config(
     orchestration: str,
     overrides: Path | None,
 ) -> None:
-    provider: dict[str, Any] = {
-        "name": "sim",
-        "base_url": f"http://127.0.0.1:{sim_port}/v1",
-        "models": [
-            {"name": name, "input_price_per_mtok": pin, "output_price_per_mtok": pout}
-            for name, pin, pout in SIM_MODELS.values()
-        ],
-    }
-    if max_concurrency is not None:
-        provider["max_concurrency"] = max_concurrency
+    models = [
+        {"name": name, "input_price_per_mtok": pin, "output_price_per_mtok": pout}
+        for name, pin, pout in SIM_MODELS.values()
+    ]
+    options = {} if max_concurrency is None else {"max_concurrency": max_concurrency}
     config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": 5},
-        "database": {"url": db_url},
-        "providers": [provider],
+        **common.base_service_config(port, db_url),
+        "providers": [common.simulator_provider(sim_port, models, **options)],
         "tiers": {tier: [f"sim/{m[0]}"] for tier, m in SIM_MODELS.items()},
-        "log": {"format": "json", "level": "warning"},
         "worker": {"max_concurrent_conversations": 1024},
     }
     if orchestration == "single":
@@ -624,7 +560,7 @@ def service_config(
         if not isinstance(extra, dict):
             raise SystemExit(f"bench: {overrides}: expected a mapping of config sections")
         config = common.deep_merge(config, extra)
-    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), "utf-8")
+    common.write_yaml(path, config)
 
 
 _DEGRADED_TEXTS_SCRIPT = """
@@ -662,185 +598,137 @@ async def run(args: argparse.Namespace) -> int:
     if args.rate <= 0 or args.duration <= 0:
         raise SystemExit("bench: --rate and --duration must be positive")
     stem = f"api-{args.db}-r{args.rate:g}{('-' + args.tag) if args.tag else ''}"
-    tmp = Path(tempfile.mkdtemp(prefix="bench-", dir=args.tmp_dir))
-    sim_port, svc_port = common.free_port(), common.free_port()
-    while svc_port == sim_port:
-        svc_port = common.free_port()
-    sim = common.ManagedProcess(
-        "simulator",
-        [
-            *(sys.executable, "-m", "orchestration.llm.simulator"),
-            *("--port", str(sim_port), "--first-token-ms", str(args.sim_first_token_ms)),
-            *("--tps", str(args.sim_tps), "--reply-tokens", str(args.reply_tokens)),
-        ],
-        tmp / "simulator.log",
-        env=common.clean_env(),
-        cwd=tmp,
-    )
-    svc = common.ManagedProcess(
-        "service",
-        [
-            sys.executable,
-            *(("-m", "cProfile", "-o", str(tmp / "service.prof")) if args.profile else ()),
-            *("-m", "bot.cli", "--config", str(tmp / "bench.yaml")),
-            *("serve", "--port", str(svc_port)),
-        ],
-        tmp / "service.log",
-        env=common.clean_env({"SWARMDESK_API_KEY": API_KEY}),
-        cwd=tmp,
-    )
-    src = REPO
-    if args.ref:
-        src = common.export_ref(args.ref, tmp / "src")
-        for proc in (sim, svc):
-            assert proc.env is not None
-            proc.env["PYTHONPATH"] = str(src)
-    print(f"bench: temp dir {tmp}; service code from {args.ref or 'the working tree'}")
-    measured: dict[str, Any] | None = None
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            if args.db == "postgres":
-                name = f"swarmdesk_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-                db_url = await stack.enter_async_context(
-                    common.temporary_postgres_db(args.pg_admin_dsn, name)
-                )
-            else:
-                db_url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
+    with processes.Workspace("bench-", parent=args.tmp_dir, keep=args.keep_tmp) as ws:
+        sim = ws.simulator(common.simulator_options(args))
+        svc = ws.service(env={"SWARMDESK_API_KEY": API_KEY}, profile=args.profile)
+        ws.use_ref(args.ref)
+        print(f"bench: temp dir {ws.tmp}; service code from {args.ref or 'the working tree'}")
+        async with ws.database(args.db, args.pg_admin_dsn) as db_url:
             service_config(
-                tmp / "bench.yaml",
-                port=svc_port,
+                ws.config_path,
+                port=svc.port,
                 db_url=db_url,
-                sim_port=sim_port,
+                sim_port=sim.port,
                 max_concurrency=args.provider_max_concurrency,
                 orchestration=args.orchestration,
                 overrides=args.service_config,
             )
-            stack.callback(sim.stop)
             sim.start()
-            stack.callback(svc.stop, 15.0)
             svc.start()
-            measured = await _measure(args, sim, svc, sim_port, svc_port, tmp / "bench.yaml")
+            measured = await _measure(args, sim, svc, ws.config_path)
             # Processes stop here (service first), then the PostgreSQL database is dropped.
-        assert measured is not None
-        measured["service_log"] = common.scan_json_log(svc.log_path)
-        measured["service_exit_code"] = svc.popen.returncode if svc.popen else None
-        measured["service_code"] = common.source_fingerprint(src, ref=args.ref)
+        measured.update(ws.service_outcome(svc))
         result = _result(args, measured)
-        args.out.mkdir(parents=True, exist_ok=True)
-        json_path = common.write_json(args.out / f"{stem}.json", result)
-        png_path = args.out / f"{stem}.png"
-        _plot(result, measured, png_path)
-        log_copy: Path | None = None
-        if result["service_log"]["counts"] or result["service_log"]["non_json_lines"]:
-            log_copy = args.out / f"{stem}.service.log"
-            shutil.copyfile(svc.log_path, log_copy)
-        files = [json_path, png_path, *([log_copy] if log_copy else [])]
-        if args.profile and (tmp / "service.prof").exists():
-            files += common.profile_report(tmp / "service.prof", args.out / f"{stem}.service")
+        files = common.save_results(
+            args.out,
+            stem,
+            result,
+            lambda png: _plot(result, measured, png),
+            service_log=svc.log_path,
+            profile=ws.profile_path if args.profile else None,
+        )
         print(_summary(result, files))
         return 0 if result["ok"] else 1
-    finally:
-        svc.stop()
-        sim.stop()
-        if args.keep_tmp:
-            print(f"bench: kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _measure(
     args: argparse.Namespace,
     sim: common.ManagedProcess,
     svc: common.ManagedProcess,
-    sim_port: int,
-    svc_port: int,
     config_path: Path,
 ) -> dict[str, Any]:
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=60)
-    ) as http:
-        sim_base = f"http://127.0.0.1:{sim_port}/v1"
-        svc_base = f"http://127.0.0.1:{svc_port}"
-        await common.wait_ready(http, f"http://127.0.0.1:{sim_port}/healthz", sim)
-        await common.wait_ready(http, f"{svc_base}/readyz", svc)
-        print(f"bench: simulator pid {sim.pid} :{sim_port}, service pid {svc.pid} :{svc_port}")
-
-        svc_proc, sim_proc, me = (psutil.Process(p) for p in (svc.pid, sim.pid, os.getpid()))
-        ours = (svc_proc, sim_proc, me)
-        other_before = await common.wait_quiet(ours, args.wait_quiet)
-        if other_before >= 0.25:
-            print(
-                f"bench: WARNING other processes keep {other_before:.2f} of "
-                f"{os.cpu_count()} cores busy: expect noisy latencies"
-            )
-
-        await simulator_baseline(http, sim_base, 5, args.rate)  # warm the simulator up
-        baseline, baseline_failures = await simulator_baseline(
-            http, sim_base, args.baseline_requests, args.rate
-        )
-        print(
-            f"bench: simulator baseline first token p50 {common.percentile(baseline, 50):.1f} ms,"
-            f" p99 {common.percentile(baseline, 99):.1f} ms (n={len(baseline)})"
-        )
-
+    async with common.http_client(sock_read_s=60) as http:
+        m = await before_load(http, args, sim, svc)
         load = ApiLoad(
             http,
-            svc_base,
+            svc.url,
             max_conversations=conversation_cap(args),
             seed=args.seed,
             degraded_texts=degraded_texts(config_path, svc.env),
         )
         await load.warmup(args.warmup)
+        announce = f"bench: sending {args.rate:g} msg/s for {args.duration:g} s ({args.arrival})"
+        return await measure_load(http, args, sim, svc, load, m, announce)
 
-        metrics0 = await _service_metrics(http, svc_base)
-        sim_stats0 = await _simulator_stats(http, sim_base)
-        rss = common.RssSampler({"service": svc_proc, "simulator": sim_proc, "loadgen": me})
-        rss_before = int(svc_proc.memory_info().rss)
-        cpu0 = {n: common.cpu_seconds(p) for n, p in rss.procs.items()}
-        machine0 = common.machine_busy_seconds()
-        rss.start()
-        print(f"bench: sending {args.rate:g} msg/s for {args.duration:g} s ({args.arrival})")
-        try:
-            times = await load.drive(args.rate, args.duration, args.arrival, args.drain_timeout)
-        finally:
-            await rss.stop()
-        cpu1 = {n: common.cpu_seconds(p) for n, p in rss.procs.items()}
-        machine = common.machine_busy_seconds() - machine0
-        await load.close()
-        metrics1 = await _service_metrics(http, svc_base)
-        sim_stats1 = await _simulator_stats(http, sim_base)
+
+async def before_load(
+    http: aiohttp.ClientSession,
+    args: argparse.Namespace,
+    sim: common.ManagedProcess,
+    svc: common.ManagedProcess,
+) -> dict[str, Any]:
+    """Both processes ready, the machine quiet (`--wait-quiet`), the simulator baseline."""
+    await common.wait_all_ready(http, sim, svc)
+    print(f"bench: simulator pid {sim.pid} :{sim.port}, service pid {svc.pid} :{svc.port}")
+    procs = common.psutil_processes({"service": svc, "simulator": sim, "loadgen": None})
+    other_before = await common.wait_quiet(list(procs.values()), args.wait_quiet)
+    if other_before >= 0.25:
+        print(
+            f"bench: WARNING other processes keep {other_before:.2f} of "
+            f"{os.cpu_count()} cores busy: expect noisy latencies"
+        )
+    baseline, baseline_failures = await common.simulator_baseline(
+        http, f"{sim.url}/v1", args.baseline_requests, args.rate, QUESTIONS
+    )
     return {
-        "load": load,
-        "times": times,
+        "procs": procs,
+        "other_cores_before": other_before,
         "baseline": baseline,
         "baseline_failures": baseline_failures,
-        "cpu": {n: cpu1[n] - cpu0[n] for n in cpu0},
-        "machine_busy_s": machine,
-        "other_cores_before": other_before,
-        "rss": rss,
-        "rss_before": rss_before,
-        "metrics": common.counter_deltas(metrics0, metrics1),
-        "sim_stats": {
-            k: v - sim_stats0.get(k, 0) if isinstance(v, int | float) else v
-            for k, v in sim_stats1.items()
-        },
     }
 
 
-async def _service_metrics(http: aiohttp.ClientSession, svc_base: str) -> dict[str, float]:
-    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-        async with http.get(f"{svc_base}/metrics") as r:
-            return common.parse_prometheus(await r.text())
-    return {}
+async def measure_load(
+    http: aiohttp.ClientSession,
+    args: argparse.Namespace,
+    sim: common.ManagedProcess,
+    svc: common.ManagedProcess,
+    load: ApiLoad,
+    m: dict[str, Any],
+    announce: str,
+) -> dict[str, Any]:
+    """Drive `load` (after `before_load` gave `m`), measuring CPU, RSS, the service's
+    counters and the simulator's stats over it; returns `m` with all that added."""
+    metrics0 = await common.service_metrics(http, svc.url)
+    sim_stats0 = await common.simulator_stats(http, sim.url)
+    rss = common.RssSampler(m["procs"])
+    rss_before = int(m["procs"]["service"].memory_info().rss)
+    usage = common.CpuWindow(rss.procs)
+    rss.start()
+    print(announce)
+    try:
+        times = await load.drive(args.rate, args.duration, args.arrival, args.drain_timeout)
+    finally:
+        await rss.stop()
+    usage.stop()
+    await load.close()
+    metrics1 = await common.service_metrics(http, svc.url)
+    sim_stats1 = await common.simulator_stats(http, sim.url)
+    m.update(
+        load=load,
+        times=times,
+        cpu=usage.cpu,
+        machine_busy_s=usage.machine_busy_s,
+        rss=rss,
+        rss_before=rss_before,
+        metrics=common.counter_deltas(metrics0, metrics1),
+        sim_stats={
+            k: v - sim_stats0.get(k, 0) if isinstance(v, int | float) else v
+            for k, v in sim_stats1.items()
+        },
+    )
+    return m
 
 
-async def _simulator_stats(http: aiohttp.ClientSession, sim_base: str) -> dict[str, Any]:
-    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-        async with http.get(f"{sim_base.removesuffix('/v1')}/_sim/stats") as r:
-            data = await r.json()
-            return data if isinstance(data, dict) else {}
-    return {}
+def finals_shifted(answered: list[Msg], start: float, duration: float) -> int:
+    """Finals in the load window moved by the median reply time: answers lag their messages
+    by that much, so this matches what was sent while the service keeps up."""
+    shift = common.percentile([(msg.final or 0) - msg.sent for msg in answered], 50)
+    if math.isnan(shift):
+        shift = 0.0
+    return sum(
+        1 for msg in answered if start + shift <= (msg.final or 0) <= start + duration + shift
+    )
 
 
 # --- results ------------------------------------------------------------------------------
@@ -857,31 +745,19 @@ def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
     answered = [msg for msg in msgs if msg.final is not None]
     first_ms = [x for x in (msg.ms(msg.first_delta) for msg in answered) if x is not None]
     final_ms = [x for x in (msg.ms(msg.final) for msg in answered) if x is not None]
-    lag_ms = [
-        (msg.sent - msg.scheduled) * 1000
-        for msg in msgs
-        if not math.isnan(msg.sent) and not msg.waited_for_conversation
-    ]
+    lag_ms = load.send_lag_ms()
     baseline: list[float] = m["baseline"]
 
     window_end = start + args.duration
     finals_in_window = sum(1 for msg in answered if start <= (msg.final or 0) <= window_end)
-    shift = common.percentile([(msg.final or 0) - msg.sent for msg in answered], 50)
-    if math.isnan(shift):
-        shift = 0.0
-    finals_shifted = sum(
-        1 for msg in answered if start + shift <= (msg.final or 0) <= window_end + shift
-    )
+    shifted = finals_shifted(answered, start, args.duration)
     accepted = [msg for msg in msgs if msg.status == 202]
     # No answer and no error: the POST or the answer had not arrived when the drain ended.
     unanswered = [msg for msg in msgs if msg.final is None and msg.error is None]
     stream_error_msgs = [msg for msg in accepted if msg.final is None and msg.error]
     first = common.summarize(first_ms)
     base = common.summarize(baseline)
-    overhead: dict[str, float | None] = {}
-    for p in ("p50", "p99"):
-        a, b = first.get(p), base.get(p)
-        overhead[p] = round(float(a) - float(b), 2) if a is not None and b is not None else None
+    overhead = common.overhead_ms(first, base)
 
     cpu: dict[str, float] = m["cpu"]
     wall = end - start
@@ -897,12 +773,7 @@ def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
         "degraded": sum(1 for msg in answered if msg.degraded),
         "duplicates": counters["duplicate_finals"],
         "answered_without_delta": sum(1 for msg in answered if msg.first_delta is None),
-        "errors": counters["post_errors"]
-        + counters["error_events"]
-        + counters["stream_http_errors"]
-        + counters["finals_without_reply_to"]
-        + counters["unreadable_events"]
-        + counters["finals_for_unknown_messages"],
+        "errors": load.errors(),
         "post_errors": counters["post_errors"],
         "stream_error_events": counters["error_events"],
         "messages_failed_by_error_event": len(stream_error_msgs),
@@ -963,7 +834,7 @@ def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
         "rate_requested": args.rate,
         "rate_sent": round(len(msgs) / args.duration, 2),
         "messages_per_s_achieved": round(finals_in_window / args.duration, 2),
-        "messages_per_s_achieved_shifted": round(finals_shifted / args.duration, 2),
+        "messages_per_s_achieved_shifted": round(shifted / args.duration, 2),
         "llm_requests_per_message": round(sim_requests / len(msgs), 3)
         if isinstance(sim_requests, int) and msgs
         else None,
@@ -1063,17 +934,8 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
         f"p99 {result['service_overhead_ms']['p99']} ms"
     )
     ax = axes[0]
-    for label, values in series.items():
-        ps, vs = common.percentile_curve(values)
-        if ps:  # x: the share of messages slower than y, on a log scale (tail to the right)
-            ax.plot([100 - x for x in ps[:-1]], vs[:-1], label=f"{label} (n={len(values)})")
-    ax.set_xscale("log")
-    ax.set_xlim(100, 0.1)
-    ticks = [100, 50, 10, 1, 0.1]
-    ax.set_xticks(ticks, [f"p{100 - t:g}" for t in ticks])
-    ax.set_ylabel("ms")
+    common.plot_percentiles(ax, series, "ms")
     ax.set_title("latency by percentile")
-    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
 
     ax = axes[1]
@@ -1107,14 +969,11 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
     ax.set_title("latency by send time")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(plt, fig, path)
 
 
 def _row(label: str, s: dict[str, Any]) -> str:
-    cells = "".join(f"{common.fmt_ms(s.get(k)):>9}" for k in ("p50", "p90", "p99", "max"))
-    return f"  {label:<30}{cells}{s.get('count', 0):>8}"
+    return common.latency_row(label, s, 30)
 
 
 def _summary(r: dict[str, Any], files: list[Path]) -> str:
@@ -1146,7 +1005,7 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
         f"model calls per message {r['llm_requests_per_message']}; service replies by outcome "
         f"{c['service_replies_by_outcome']}",
         "",
-        f"  {'latency, ms from POST sent':<30}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}{'n':>8}",
+        common.latency_header("latency, ms from POST sent", 30),
         _row("POST response", lat["post"]),
         _row("first delta", lat["first_delta"]),
         _row("final", lat["final"]),
@@ -1175,11 +1034,4 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
         lines.append(f"service log: {top}")
     else:
         lines.append("service log: no warnings or errors")
-    for note in r["notes"][:5]:
-        lines.append(f"  note: {note}")
-    if r["problems"]:
-        lines.append("PROBLEMS: " + "; ".join(r["problems"]))
-    for warning in r["warnings"]:
-        lines.append(f"WARNING: {warning}")
-    lines.append("results: " + ", ".join(str(f) for f in files))
-    return "\n".join(lines)
+    return "\n".join(lines + common.summary_tail(r, files))

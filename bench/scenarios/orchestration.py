@@ -13,15 +13,10 @@ simulator calls that fail, hang, are rate-limited or cut off.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 import yaml
 
-from bench import common
+from bench import common, processes
 from bench.scenarios import api
 from bench.scenarios.shopper_messages import DEFAULT_MIX, ShopperMessages
 from bench.sse import SseEvent
@@ -128,15 +122,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="2.0,8.0",
         help="sim-premium input,output price per million tokens",
     )
-    p.add_argument("--sim-first-token-ms", type=float, default=300.0)
-    p.add_argument("--sim-tps", type=float, default=50.0, help="simulator tokens per second")
-    p.add_argument("--reply-tokens", type=int, default=40)
-    p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
-    p.add_argument(
-        "--pg-admin-dsn",
-        default=os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
-        help="where to CREATE/DROP the throw-away database for --db postgres",
-    )
+    common.add_simulator_arguments(p)
+    common.add_db_arguments(p)
     p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--baseline-requests", type=int, default=50)
@@ -160,8 +147,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="YAML merged over the generated service config (e.g. reply: or resilience:)",
     )
-    p.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS, help="results directory")
-    p.add_argument("--tag", default="", help="suffix of the result file names")
+    common.add_output_arguments(p)
     p.add_argument(
         "--tmp-dir",
         type=Path,
@@ -275,16 +261,14 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write_service_config(
-    args: argparse.Namespace, tmp: Path, *, port: int, db_url: str, sim_port: int
+    args: argparse.Namespace, path: Path, *, port: int, db_url: str, sim_port: int
 ) -> Path:
     """The `api` scenario's config (server, database, log, worker) with `overrides`."""
     extra = overrides(args)
     for provider in extra.get("providers", []):
         if isinstance(provider, dict) and "{sim_port}" in str(provider.get("base_url", "")):
             provider["base_url"] = str(provider["base_url"]).format(sim_port=sim_port)
-    extra_path = tmp / "orchestration-overrides.yaml"
-    extra_path.write_text(yaml.safe_dump(extra, sort_keys=False, allow_unicode=True), "utf-8")
-    path = tmp / "bench.yaml"
+    extra_path = common.write_yaml(path.parent / "orchestration-overrides.yaml", extra)
     api.service_config(
         path,
         port=port,
@@ -402,128 +386,57 @@ async def run(args: argparse.Namespace) -> int:
     messages = ShopperMessages(mix=mix, zh_share=args.zh_share)
     fault_rates = _fault_rates(args)
     stem = _stem(args)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-orch-", dir=args.tmp_dir))
-    sim_port, svc_port = common.free_port(), common.free_port()
-    while svc_port == sim_port:
-        svc_port = common.free_port()
-    sim = common.ManagedProcess(
-        "simulator",
-        [
-            *(sys.executable, "-m", "orchestration.llm.simulator"),
-            *("--port", str(sim_port), "--first-token-ms", str(args.sim_first_token_ms)),
-            *("--tps", str(args.sim_tps), "--reply-tokens", str(args.reply_tokens)),
-            *("--retry-after", str(args.retry_after), "--seed", str(args.seed)),
-        ],
-        tmp / "simulator.log",
-        env=common.clean_env(),
-        cwd=tmp,
-    )
-    svc = common.ManagedProcess(
-        "service",
-        [
-            *(sys.executable, "-m", "bot.cli", "--config", str(tmp / "bench.yaml")),
-            *("serve", "--port", str(svc_port)),
-        ],
-        tmp / "service.log",
-        env=common.clean_env({"SWARMDESK_API_KEY": api.API_KEY}),
-        cwd=tmp,
-    )
-    src = api.REPO
-    if args.ref:
-        src = common.export_ref(args.ref, tmp / "src")
-        for proc in (sim, svc):
-            assert proc.env is not None
-            proc.env["PYTHONPATH"] = str(src)
-    print(f"bench: temp dir {tmp}; service code from {args.ref or 'the working tree'}")
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            if args.db == "postgres":
-                name = f"swarmdesk_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-                db_url = await stack.enter_async_context(
-                    common.temporary_postgres_db(args.pg_admin_dsn, name)
-                )
-            else:
-                db_url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
+    with processes.Workspace("bench-orch-", parent=args.tmp_dir, keep=args.keep_tmp) as ws:
+        sim = ws.simulator(
+            [
+                *common.simulator_options(args),
+                *("--retry-after", str(args.retry_after), "--seed", str(args.seed)),
+            ]
+        )
+        svc = ws.service(env={"SWARMDESK_API_KEY": api.API_KEY})
+        ws.use_ref(args.ref)
+        print(f"bench: temp dir {ws.tmp}; service code from {args.ref or 'the working tree'}")
+        async with ws.database(args.db, args.pg_admin_dsn) as db_url:
             config = write_service_config(
-                args, tmp, port=svc_port, db_url=db_url, sim_port=sim_port
+                args, ws.config_path, port=svc.port, db_url=db_url, sim_port=sim.port
             )
             facts = service_facts(config, svc.env)
             if args.drain_timeout is None:
                 args.drain_timeout = float(facts["turn_deadline_seconds"]) + 5.0
-            stack.callback(sim.stop)
             sim.start()
-            stack.callback(svc.stop, 15.0)
             svc.start()
-            measured = await _measure(
-                args, sim, svc, sim_port, svc_port, config, messages, fault_rates, facts
-            )
-            svc.stop(15.0)  # the record is complete once the service has stopped
-            sim.stop()
+            measured = await _measure(args, sim, svc, config, messages, fault_rates, facts)
+            ws.stop()  # the record is complete once the service has stopped
             measured["db"] = await read_record(db_url, [m.message_id for m in measured["msgs"]])
             measured["costs_table"] = swarmdesk_costs(config, svc.env, measured["since"])
-        measured["service_log"] = common.scan_json_log(svc.log_path)
-        measured["service_exit_code"] = svc.popen.returncode if svc.popen else None
-        measured["service_code"] = common.source_fingerprint(src, ref=args.ref)
+        measured.update(ws.service_outcome(svc))
         result = _result(args, measured, messages, facts, fault_rates)
-        args.out.mkdir(parents=True, exist_ok=True)
-        json_path = common.write_json(args.out / f"{stem}.json", result)
-        png_path = args.out / f"{stem}.png"
-        _plot(result, measured, png_path)
-        files = [json_path, png_path]
-        if result["service_log"]["counts"] or result["service_log"]["non_json_lines"]:
-            log_copy = args.out / f"{stem}.service.log"
-            shutil.copyfile(svc.log_path, log_copy)
-            files.append(log_copy)
+        files = common.save_results(
+            args.out,
+            stem,
+            result,
+            lambda png: _plot(result, measured, png),
+            service_log=svc.log_path,
+        )
         print(_summary(result, files))
         return 0 if result["ok"] else 1
-    finally:
-        svc.stop()
-        sim.stop()
-        if args.keep_tmp:
-            print(f"bench: kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _measure(
     args: argparse.Namespace,
     sim: common.ManagedProcess,
     svc: common.ManagedProcess,
-    sim_port: int,
-    svc_port: int,
     config: Path,
     messages: ShopperMessages,
     fault_rates: dict[str, float],
     facts: dict[str, Any],
 ) -> dict[str, Any]:
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=120)
-    ) as http:
-        sim_base = f"http://127.0.0.1:{sim_port}/v1"
-        svc_base = f"http://127.0.0.1:{svc_port}"
-        await common.wait_ready(http, f"http://127.0.0.1:{sim_port}/healthz", sim)
-        await common.wait_ready(http, f"{svc_base}/readyz", svc)
-        print(f"bench: simulator pid {sim.pid} :{sim_port}, service pid {svc.pid} :{svc_port}")
-
-        svc_proc, sim_proc, me = (psutil.Process(p) for p in (svc.pid, sim.pid, os.getpid()))
-        other_before = await common.wait_quiet((svc_proc, sim_proc, me), args.wait_quiet)
-        if other_before >= 0.25:
-            print(
-                f"bench: WARNING other processes keep {other_before:.2f} of "
-                f"{os.cpu_count()} cores busy: expect noisy latencies"
-            )
-        await api.simulator_baseline(http, sim_base, 5, args.rate)
-        baseline, baseline_failures = await api.simulator_baseline(
-            http, sim_base, args.baseline_requests, args.rate
-        )
-        print(
-            f"bench: simulator baseline first token p50 {common.percentile(baseline, 50):.1f} ms,"
-            f" p99 {common.percentile(baseline, 99):.1f} ms (n={len(baseline)})"
-        )
+    # Turns with tools and several specialists take longer between stream events.
+    async with common.http_client(sock_read_s=120) as http:
+        m = await api.before_load(http, args, sim, svc)
         load = MixLoad(
             http,
-            svc_base,
+            svc.url,
             max_conversations=conversation_cap(args),
             seed=args.seed,
             degraded_texts=api.degraded_texts(config, svc.env),
@@ -533,52 +446,22 @@ async def _measure(
         )
         await load.warmup(args.warmup)
         if args.fault_rate:
-            await _simulator_config(http, sim_base, fault_rates)
+            await _simulator_config(http, sim.url, fault_rates)
             print(f"bench: simulator faults on: {fault_rates}")
-
-        metrics0 = await api._service_metrics(http, svc_base)
-        sim_stats0 = await api._simulator_stats(http, sim_base)
-        rss = common.RssSampler({"service": svc_proc, "simulator": sim_proc, "loadgen": me})
-        cpu0 = {n: common.cpu_seconds(p) for n, p in rss.procs.items()}
-        machine0 = common.machine_busy_seconds()
-        since = datetime.now(UTC)  # the warm-up's ledger rows are all older
-        rss.start()
-        print(
+        m["since"] = datetime.now(UTC)  # the warm-up's ledger rows are all older
+        announce = (
             f"bench: sending {args.rate:g} msg/s for {args.duration:g} s ({args.arrival}), "
             f"then up to {args.drain_timeout:g} s for the last answers"
         )
-        try:
-            times = await load.drive(args.rate, args.duration, args.arrival, args.drain_timeout)
-        finally:
-            await rss.stop()
-        cpu1 = {n: common.cpu_seconds(p) for n, p in rss.procs.items()}
-        machine = common.machine_busy_seconds() - machine0
-        await load.close()
-        metrics1 = await api._service_metrics(http, svc_base)
-        sim_stats1 = await api._simulator_stats(http, sim_base)
-    return {
-        "load": load,
-        "msgs": load.msgs,
-        "times": times,
-        "since": since,
-        "baseline": baseline,
-        "baseline_failures": baseline_failures,
-        "cpu": {n: cpu1[n] - cpu0[n] for n in cpu0},
-        "machine_busy_s": machine,
-        "other_cores_before": other_before,
-        "rss": rss,
-        "metrics": common.counter_deltas(metrics0, metrics1),
-        "sim_stats": {
-            k: v - sim_stats0.get(k, 0) if isinstance(v, int | float) else v
-            for k, v in sim_stats1.items()
-        },
-    }
+        m = await api.measure_load(http, args, sim, svc, load, m, announce)
+    m["msgs"] = load.msgs
+    return m
 
 
 async def _simulator_config(
-    http: aiohttp.ClientSession, sim_base: str, fields: Mapping[str, float]
+    http: aiohttp.ClientSession, sim_url: str, fields: Mapping[str, float]
 ) -> None:
-    url = f"{sim_base.removesuffix('/v1')}/_sim/config"
+    url = f"{sim_url}/_sim/config"
     async with http.post(url, json=dict(fields)) as r:
         if r.status != 200:
             raise RuntimeError(f"simulator refused {dict(fields)}: {await r.text()}")
@@ -707,11 +590,7 @@ def _result(
     unanswered = [x for x in msgs if x.final is None and x.error is None]
     first_ms = [v for v in (x.ms(x.first_delta) for x in answered) if v is not None]
     final_ms = [v for v in (x.ms(x.final) for x in answered) if v is not None]
-    lag_ms = [
-        (x.sent - x.scheduled) * 1000
-        for x in msgs
-        if not math.isnan(x.sent) and not x.waited_for_conversation
-    ]
+    lag_ms = load.send_lag_ms()
 
     # Per message: the service's record.
     kinds: Counter[str] = Counter()
@@ -805,12 +684,7 @@ def _result(
     final_p99 = common.percentile(final_ms, 99)
     over_deadline_client = sum(1 for v in final_ms if v > deadline_s * 1000)
 
-    # Throughput: finals in the load window, the window shifted by the median reply time.
-    shift = common.percentile([(x.final or 0) - x.sent for x in answered], 50)
-    shift = 0.0 if math.isnan(shift) else shift
-    finals_shifted = sum(
-        1 for x in answered if start + shift <= (x.final or 0) <= start + args.duration + shift
-    )
+    finals_shifted = api.finals_shifted(answered, start, args.duration)
     # A backlog shows as answers getting slower over the load: compare its thirds.
     thirds: list[float | None] = []
     for i in range(3):
@@ -828,12 +702,7 @@ def _result(
         "unanswered": len(unanswered),
         "duplicates_seen_by_client": counters["duplicate_finals"],
         "duplicates_in_db": duplicates,
-        "errors": counters["post_errors"]
-        + counters["error_events"]
-        + counters["stream_http_errors"]
-        + counters["finals_without_reply_to"]
-        + counters["unreadable_events"]
-        + counters["finals_for_unknown_messages"],
+        "errors": load.errors(),
         "post_errors": counters["post_errors"],
         "stream_error_events": counters["error_events"],
         "answered_without_delta": sum(1 for x in answered if x.first_delta is None),
@@ -1049,7 +918,7 @@ def _summary(r: dict[str, Any], files: Sequence[Path]) -> str:
     tiers = ", ".join(f"{k} {_pct(v)}" for k, v in a["tier_of_answer"].items())
     models = ", ".join(f"{k} {_pct(v)}" for k, v in a["answering_model"].items())
     mix = ", ".join(f"{k} {v:g}" for k, v in p["mix"].items())
-    row = api._row
+    row = api._row  # the same table as the api scenario's
     lines = [
         "",
         f"== swarmdesk bench orchestration: {p['db']}, {p['rate']:g} msg/s for "
@@ -1070,7 +939,7 @@ def _summary(r: dict[str, Any], files: Sequence[Path]) -> str:
         f"messages/s answered {r['messages_per_s_answered_shifted']:g} (window shifted by the "
         f"median reply time); final p50 by third of the load {lat['final_p50_by_third_of_load']}",
         "",
-        f"  {'latency, ms from POST sent':<30}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}{'n':>8}",
+        common.latency_header("latency, ms from POST sent", 30),
         row("first delta", lat["first_delta"]),
         row("final", lat["final"]),
         row("service turn (db latency_ms)", lat["service_turn"]),
@@ -1132,14 +1001,7 @@ def _summary(r: dict[str, Any], files: Sequence[Path]) -> str:
             lines.append(f"  log: {line[:300]}")
     else:
         lines.append("service log: no warnings or errors")
-    for note in r["notes"][:5]:
-        lines.append(f"  note: {note}")
-    if r["problems"]:
-        lines.append("PROBLEMS: " + "; ".join(r["problems"]))
-    for warning in r["warnings"]:
-        lines.append(f"WARNING: {warning}")
-    lines.append("results: " + ", ".join(str(f) for f in files))
-    return "\n".join(lines)
+    return "\n".join(lines + common.summary_tail(r, files))
 
 
 def _slowest_line(r: dict[str, Any]) -> list[str]:
@@ -1177,19 +1039,10 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
         "first delta": [v for x in answered if (v := x.ms(x.first_delta)) is not None],
         "final": [v for x in answered if (v := x.ms(x.final)) is not None],
     }
-    for label, values in series.items():
-        ps, vs = common.percentile_curve(values)
-        if ps:
-            ax.plot([100 - x for x in ps[:-1]], vs[:-1], label=f"{label} (n={len(values)})")
+    common.plot_percentiles(ax, series, "ms after the POST was sent")
     ax.axhline(deadline_ms, color="r", linestyle="--", label="turn deadline")
-    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlim(100, 0.1)
-    ticks = [100, 50, 10, 1, 0.1]
-    ax.set_xticks(ticks, [f"p{100 - t:g}" for t in ticks])
-    ax.set_ylabel("ms after the POST was sent")
     ax.set_title("latency by percentile")
-    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
 
     ax = axes[1]
@@ -1226,6 +1079,4 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
     ax.set_title("by category")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles, ["model calls per message", "cost per 1,000 messages"], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(plt, fig, path)

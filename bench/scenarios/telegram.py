@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -39,10 +36,9 @@ from typing import Any
 
 import aiohttp
 import psutil
-import yaml
 
-from bench import common
-from bench.scenarios.api import QUESTIONS, simulator_baseline
+from bench import common, processes
+from bench.scenarios.api import QUESTIONS
 
 NAME = "telegram"
 HELP = (
@@ -55,17 +51,14 @@ SECRET = "bench-secret"
 PATH = "/telegram/bench/webhook"
 BOT_ID = 424242
 USERNAME = "bench_shop_bot"
-FALLBACK_TEXT = "Sorry, I can't answer that right now. A colleague will get back to you shortly."
 TARGET_OVERHEAD_P99_MS = 10.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=100.0, help="updates per second")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load")
-    p.add_argument("--sim-first-token-ms", type=float, default=300.0)
-    p.add_argument("--sim-tps", type=float, default=50.0, help="simulator tokens per second")
-    p.add_argument(
-        "--reply-tokens", type=int, default=300, help="tokens per answer (300 at 50/s: 6 s)"
+    common.add_simulator_arguments(
+        p, reply_tokens=300, reply_help="tokens per answer (300 at 50/s: 6 s)"
     )
     p.add_argument("--draft-rate", type=float, default=2.0, help="draft_updates_per_second")
     p.add_argument("--edit-interval", type=float, default=1.0, help="edit_interval_seconds")
@@ -86,12 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-ms", type=float, default=100.0, help="--mode channel: tokens pushed per batch"
     )
-    p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
-    p.add_argument(
-        "--pg-admin-dsn",
-        default=os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
-        help="where to CREATE/DROP the throw-away database for --db postgres",
-    )
+    common.add_db_arguments(p)
     p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--baseline-requests", type=int, default=50)
@@ -104,13 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="before the load, wait up to this long for other processes to go quiet",
     )
-    p.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS, help="results directory")
-    p.add_argument("--tag", default="", help="suffix of the result file names")
-    p.add_argument(
-        "--profile",
-        action="store_true",
-        help="run the service under cProfile (slower!) and write <name>.service.prof/.txt",
-    )
+    common.add_output_arguments(p, profile=True)
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (config, DB, logs)")
 
 
@@ -267,38 +249,20 @@ def service_section(args: argparse.Namespace, api_url: str) -> dict[str, Any]:
 def service_config(
     path: Path, *, port: int, db_url: str, sim_port: int, api_url: str, args: argparse.Namespace
 ) -> None:
+    sections = common.one_specialist_sections(
+        sim_port,
+        max_concurrency=2048,
+        turn_deadline_s=60,
+        specialist_timeout_s=55,
+        max_output_tokens=max(800, args.reply_tokens + 50),
+    )
     config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": 5},
-        "database": {"url": db_url},
-        "providers": [
-            {
-                "name": "sim",
-                "base_url": f"http://127.0.0.1:{sim_port}/v1",
-                "first_token_timeout_seconds": 20,
-                "max_concurrency": 2048,
-                "models": [{"name": "sim-chat", "input_price_per_mtok": 0.27}],
-            }
-        ],
-        "tiers": {"cheap": ["sim/sim-chat"], "premium": ["sim/sim-chat"]},
-        "reply": {
-            "fallback_text": FALLBACK_TEXT,
-            "turn_deadline_seconds": 60,
-            "max_output_tokens": max(800, args.reply_tokens + 50),
-        },
-        "routing": {"llm_below": 0},
-        "specialists": [
-            {
-                "name": "general",
-                "intents": ["other"],
-                "timeout_seconds": 55,
-                "system_prompt": "You are the shop's assistant. Answer briefly.",
-            }
-        ],
-        "log": {"format": "json", "level": "warning"},
+        **common.base_service_config(port, db_url),
+        **sections,
         "worker": {"max_concurrent_conversations": 4096},
         "channels": {"api": {"enabled": False}, "telegram": service_section(args, api_url)},
     }
-    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), "utf-8")
+    common.write_yaml(path, config)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -307,89 +271,51 @@ async def run(args: argparse.Namespace) -> int:
     tag = f"-{args.tag}" if args.tag else ""
     where = "channel" if args.mode == "channel" else args.db
     stem = f"telegram-{where}-r{args.rate:g}-t{args.reply_tokens}{tag}"
-    tmp = Path(tempfile.mkdtemp(prefix="bench-telegram-"))
-    ports: set[int] = set()
-    while len(ports) < 3:
-        ports.add(common.free_port())
-    sim_port, svc_port, api_port = sorted(ports)
-    env = common.clean_env()
-    sim = common.ManagedProcess(
-        "simulator",
-        [
-            *(sys.executable, "-m", "orchestration.llm.simulator", "--port", str(sim_port)),
-            *("--first-token-ms", str(args.sim_first_token_ms), "--tps", str(args.sim_tps)),
-            *("--reply-tokens", str(args.reply_tokens)),
-        ],
-        tmp / "simulator.log",
-        env=env,
-        cwd=tmp,
-    )
-    fake = common.ManagedProcess(
-        "fake-bot-api",
-        [
-            *(sys.executable, "-m", "tests.fakes.telegram_api", "--port", str(api_port)),
-            *("--per-chat-per-second", str(args.flood_limit)),
-        ],
-        tmp / "fake-bot-api.log",
-        env=common.clean_env({"PYTHONPATH": str(common.REPO_ROOT)}),
-        cwd=common.REPO_ROOT,
-    )
-    svc = common.ManagedProcess(
-        "service",
-        [
-            sys.executable,
-            *(("-m", "cProfile", "-o", str(tmp / "service.prof")) if args.profile else ()),
-            *("-m", "bot.cli", "--config", str(tmp / "bench.yaml"), "serve"),
-        ],
-        tmp / "service.log",
-        env=common.clean_env({"BENCH_TG_TOKEN": TOKEN, "BENCH_TG_SECRET": SECRET}),
-        cwd=tmp,
-    )
-    print(f"bench: temp dir {tmp}")
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            if args.db == "postgres":
-                name = f"swarmdesk_bench_tg_{os.getpid()}_{random.randrange(16**6):06x}"
-                db_url = await stack.enter_async_context(
-                    common.temporary_postgres_db(args.pg_admin_dsn, name)
-                )
-            else:
-                db_url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
+    with processes.Workspace("bench-telegram-", keep=args.keep_tmp) as ws:
+        sim = ws.simulator(common.simulator_options(args))
+        api_port = ws.free_port()
+        fake = ws.process(
+            "fake-bot-api",
+            [
+                *(sys.executable, "-m", "tests.fakes.telegram_api", "--port", str(api_port)),
+                *("--per-chat-per-second", str(args.flood_limit)),
+            ],
+            port=api_port,
+            env=common.clean_env({"PYTHONPATH": str(common.REPO_ROOT)}),
+            cwd=common.REPO_ROOT,
+        )
+        svc = ws.service(
+            env={"BENCH_TG_TOKEN": TOKEN, "BENCH_TG_SECRET": SECRET}, profile=args.profile
+        )
+        print(f"bench: temp dir {ws.tmp}")
+        async with ws.database(args.db, args.pg_admin_dsn, "swarmdesk_bench_tg") as db_url:
             service_config(
-                tmp / "bench.yaml",
-                port=svc_port,
+                ws.config_path,
+                port=svc.port,
                 db_url=db_url,
-                sim_port=sim_port,
-                api_url=f"http://127.0.0.1:{api_port}",
+                sim_port=sim.port,
+                api_url=fake.url,
                 args=args,
             )
             fake.start()
             if args.mode == "channel":
-                m = await _measure_channel(args, fake, api_port)
+                m = await _measure_channel(args, fake)
             else:
                 sim.start()
                 svc.start()
-                m = await _measure(args, sim, fake, svc, sim_port, svc_port, api_port)
-                svc.stop(15.0)  # before its database is dropped
+                m = await _measure(args, sim, fake, svc)
+            # Processes stop here (service first), then the PostgreSQL database is dropped.
         m["service_log"] = common.scan_json_log(svc.log_path)
         result = _result(args, m)
-        args.out.mkdir(parents=True, exist_ok=True)
-        json_path = common.write_json(args.out / f"{stem}.json", result)
-        png_path = args.out / f"{stem}.png"
-        _plot(result, m, png_path)
-        files = [json_path, png_path]
-        if args.profile and (tmp / "service.prof").exists():
-            files += common.profile_report(tmp / "service.prof", args.out / f"{stem}.service")
+        files = common.save_results(
+            args.out,
+            stem,
+            result,
+            lambda png: _plot(result, m, png),
+            profile=ws.profile_path if args.profile else None,
+        )
         print(_summary(result, files))
         return 0 if result["ok"] else 1
-    finally:
-        svc.stop()
-        fake.stop()
-        sim.stop()
-        if args.keep_tmp:
-            print(f"bench: kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _measure(
@@ -397,51 +323,28 @@ async def _measure(
     sim: common.ManagedProcess,
     fake: common.ManagedProcess,
     svc: common.ManagedProcess,
-    sim_port: int,
-    svc_port: int,
-    api_port: int,
 ) -> dict[str, Any]:
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-        svc_base, api_base = f"http://127.0.0.1:{svc_port}", f"http://127.0.0.1:{api_port}"
-        await common.wait_ready(http, f"http://127.0.0.1:{sim_port}/healthz", sim)
-        await common.wait_ready(http, f"{api_base}/healthz", fake)
-        await common.wait_ready(http, f"{svc_base}/readyz", svc)
-        print(f"bench: simulator :{sim_port}, fake Bot API :{api_port}, service :{svc_port}")
-
-        sim_base = f"http://127.0.0.1:{sim_port}/v1"
-        await simulator_baseline(http, sim_base, 5, args.rate)
-        baseline, baseline_failures = await simulator_baseline(
-            http, sim_base, args.baseline_requests, args.rate
+    async with common.http_client(sock_read_s=60) as http:
+        await common.wait_all_ready(http, sim, fake, svc)
+        print(f"bench: simulator :{sim.port}, fake Bot API :{fake.port}, service :{svc.port}")
+        baseline, baseline_failures = await common.simulator_baseline(
+            http, f"{sim.url}/v1", args.baseline_requests, args.rate, QUESTIONS
         )
-        print(
-            f"bench: simulator baseline first token p50 {common.percentile(baseline, 50):.1f} ms,"
-            f" p99 {common.percentile(baseline, 99):.1f} ms"
+        procs = common.psutil_processes(
+            {"service": svc, "simulator": sim, "fake_bot_api": fake, "loadgen": None}
         )
-        procs = {
-            "service": psutil.Process(svc.pid),
-            "simulator": psutil.Process(sim.pid),
-            "fake_bot_api": psutil.Process(fake.pid),
-            "loadgen": psutil.Process(os.getpid()),
-        }
-        m = await _load(args, http, svc_base + PATH, api_base, procs)
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with http.get(f"{svc_base}/metrics") as r:
-                m["metrics"] = common.parse_prometheus(await r.text())
+        m = await _load(args, http, svc.url + PATH, fake.url, procs)
+        m["metrics"] = await common.service_metrics(http, svc.url)
     m.update(baseline=baseline, baseline_failures=baseline_failures)
     return m
 
 
-async def _measure_channel(
-    args: argparse.Namespace, fake: common.ManagedProcess, api_port: int
-) -> dict[str, Any]:
+async def _measure_channel(args: argparse.Namespace, fake: common.ManagedProcess) -> dict[str, Any]:
     """--mode channel: the Telegram channel in this process with a scripted model."""
     from bench.scenarios.telegram_stub import start_channel
 
     os.environ["BENCH_TG_TOKEN"], os.environ["BENCH_TG_SECRET"] = TOKEN, SECRET
-    api_base = f"http://127.0.0.1:{api_port}"
-    section = service_section(args, api_base)
+    section = service_section(args, fake.url)
     runner, _, base = await start_channel(
         section,
         first_token_s=args.sim_first_token_ms / 1000,
@@ -450,16 +353,11 @@ async def _measure_channel(
         batch_s=args.batch_ms / 1000,
     )
     try:
-        connector = aiohttp.TCPConnector(limit=0)
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-            await common.wait_ready(http, f"{api_base}/healthz", fake)
-            print(f"bench: fake Bot API :{api_port}, Telegram channel alone at {base}")
-            procs = {
-                "loadgen_and_channel": psutil.Process(os.getpid()),
-                "fake_bot_api": psutil.Process(fake.pid),
-            }
-            m = await _load(args, http, base + PATH, api_base, procs)
+        async with common.http_client(sock_read_s=60) as http:
+            await common.wait_all_ready(http, fake)
+            print(f"bench: fake Bot API :{fake.port}, Telegram channel alone at {base}")
+            procs = common.psutil_processes({"loadgen_and_channel": None, "fake_bot_api": fake})
+            m = await _load(args, http, base + PATH, fake.url, procs)
     finally:
         await runner.cleanup()
     # The scripted model's first token comes exactly this late: that is the baseline.
@@ -487,8 +385,7 @@ async def _load(
         await common.wait_quiet(list(procs.values()), args.wait_quiet)
     poster = Poster(http, webhook, args.seed, args.groups, first_id=10_000_000)
     rss = common.RssSampler(procs)
-    cpu0 = {n: common.cpu_seconds(p) for n, p in procs.items()}
-    busy0 = common.machine_busy_seconds()
+    usage = common.CpuWindow(procs)
     rss.start()
     print(f"bench: posting {args.rate:g} updates/s for {args.duration:g} s ({args.arrival})")
     try:
@@ -498,9 +395,8 @@ async def _load(
     finally:
         await rss.stop()
     end = time.monotonic()
-    cpu = {n: common.cpu_seconds(p) - cpu0[n] for n, p in procs.items()}
-    others = max(0.0, common.machine_busy_seconds() - busy0 - sum(cpu.values()))
-    cpu["other_processes"] = others
+    usage.stop()
+    cpu = {**usage.cpu, "other_processes": usage.others_s}
     return {
         "updates": poster.updates,
         "calls": log.calls[skip:],
@@ -585,10 +481,7 @@ def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
         }
     baseline = common.summarize(m["baseline"])
     first = out.get("private", {}).get("latency_ms", {}).get("first_visible", {})
-    overhead: dict[str, float | None] = {}
-    for p in ("p50", "p99"):
-        a, b = first.get(p), baseline.get(p)
-        overhead[p] = round(float(a) - float(b), 2) if a is not None and b is not None else None
+    overhead = common.overhead_ms(first, baseline)
     window = args.duration
     cpu, rss = m["cpu"], m["rss"]
     wall = times["end"] - times["start"]
@@ -659,17 +552,8 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
         ],
         "final message": [a.final_ms for a in answers.values() if a.final_ms is not None],
     }
-    for label, values in series.items():
-        ps, vs = common.percentile_curve(values)
-        if ps:
-            ax.plot([100 - x for x in ps[:-1]], vs[:-1], label=f"{label} (n={len(values)})")
-    ax.set_xscale("log")
-    ax.set_xlim(100, 0.1)
-    ticks = [100, 50, 10, 1, 0.1]
-    ax.set_xticks(ticks, [f"p{100 - t:g}" for t in ticks])
-    ax.set_ylabel("ms after the Update was posted")
+    common.plot_percentiles(ax, series, "ms after the Update was posted")
     ax.set_title("latency by percentile")
-    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax = axes[1]
     calls = [a.calls for a in answers.values() if a.final_ms is not None]
@@ -684,14 +568,11 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
         f"{p['sim_first_token_ms']:g} ms + {p['reply_tokens']} tokens at {p['sim_tps']:g}/s; "
         f"drafts {p['draft_updates_per_second']:g}/s"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(plt, fig, path)
 
 
 def _row(label: str, s: dict[str, Any]) -> str:
-    cells = "".join(f"{common.fmt_ms(s.get(k)):>9}" for k in ("p50", "p90", "p99", "max"))
-    return f"  {label:<34}{cells}{s.get('count', 0):>8}"
+    return common.latency_row(label, s, 34)
 
 
 def _summary(r: dict[str, Any], files: list[Path]) -> str:
@@ -709,8 +590,7 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
         f"updates sent {r['updates_sent']} ({r['updates_per_s_sent']:g}/s), acknowledged "
         f"{r['updates_acked']}",
         "",
-        f"  {'latency, ms from the Update posted':<34}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}"
-        f"{'n':>8}",
+        common.latency_header("latency, ms from the Update posted", 34),
         _row("webhook 200", r["webhook_response_ms"]),
     ]
     for kind, x in r["chats"].items():
@@ -750,7 +630,4 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
         lines.append(
             "service log: " + ", ".join(f"{k} x{v}" for k, v in list(log["counts"].items())[:6])
         )
-    if r["problems"]:
-        lines.append("PROBLEMS: " + "; ".join(r["problems"]))
-    lines.append("results: " + ", ".join(str(f) for f in files))
-    return "\n".join(lines)
+    return "\n".join(lines + common.summary_tail(r, files))

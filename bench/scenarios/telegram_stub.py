@@ -17,8 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
-from bot.app import json_errors
 from channels.base import ConversationRef, InboundMessage, IngestResult, StoredMessage
+from channels.http import json_errors
 from channels.telegram.channel import TelegramChannel
 from channels.telegram.config import TelegramSettings
 from orchestration.llm.simulator import reply_tokens

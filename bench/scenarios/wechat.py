@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import random
 import secrets
-import shutil
 import sqlite3
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +34,8 @@ from typing import Any
 import aiohttp
 import psutil
 import xmltodict
-import yaml
 
-from bench import common
+from bench import common, processes
 from tests.fakes.wechat_api import FakeWechatApi, sha1_sign, text_xml
 
 NAME = "wechat"
@@ -55,7 +50,6 @@ SECRET = "bench-secret"
 PATH = "/wechat/bench"
 TRIES = 3
 WECHAT_TIMEOUT_S = 5.0
-FALLBACK_TEXT = "Sorry, I can't answer that right now. A colleague will get back to you shortly."
 
 # name: (first token ms, tokens per second, reply tokens) -> about the time in the comment
 PROFILES: dict[str, tuple[float, float, int]] = {
@@ -93,8 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--drain-timeout", type=float, default=40.0, help="wait for late answers")
-    p.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS, help="results directory")
-    p.add_argument("--tag", default="", help="suffix of the result file names")
+    common.add_output_arguments(p)
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (config, DB, logs)")
 
 
@@ -184,30 +177,12 @@ class WechatClient:
 def service_config(
     path: Path, *, port: int, db_url: str, sim_port: int, api_url: str, budget: float
 ) -> None:
+    sections = common.one_specialist_sections(
+        sim_port, max_concurrency=512, turn_deadline_s=30, specialist_timeout_s=25
+    )
     config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": 5},
-        "database": {"url": db_url},
-        "providers": [
-            {
-                "name": "sim",
-                "base_url": f"http://127.0.0.1:{sim_port}/v1",
-                "first_token_timeout_seconds": 20,
-                "max_concurrency": 512,
-                "models": [{"name": "sim-chat", "input_price_per_mtok": 0.27}],
-            }
-        ],
-        "tiers": {"cheap": ["sim/sim-chat"], "premium": ["sim/sim-chat"]},
-        "reply": {"fallback_text": FALLBACK_TEXT, "turn_deadline_seconds": 30},
-        "routing": {"llm_below": 0},
-        "specialists": [
-            {
-                "name": "general",
-                "intents": ["other"],
-                "timeout_seconds": 25,
-                "system_prompt": "You are the shop's assistant. Answer briefly.",
-            }
-        ],
-        "log": {"format": "json", "level": "warning"},
+        **common.base_service_config(port, db_url),
+        **sections,
         "worker": {"max_concurrent_conversations": 1024},
         "channels": {
             "wechat": {
@@ -226,7 +201,7 @@ def service_config(
             }
         },
     }
-    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), "utf-8")
+    common.write_yaml(path, config)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -237,59 +212,34 @@ async def run(args: argparse.Namespace) -> int:
     if args.rate <= 0 or args.duration <= 0:
         raise SystemExit("bench: --rate and --duration must be positive")
     stem = f"wechat-r{args.rate:g}{('-' + args.tag) if args.tag else ''}"
-    tmp = Path(tempfile.mkdtemp(prefix="bench-wechat-"))
-    sim_port, svc_port = common.free_port(), common.free_port()
-    while svc_port == sim_port:
-        svc_port = common.free_port()
-    sim = common.ManagedProcess(
-        "simulator",
-        [sys.executable, "-m", "orchestration.llm.simulator", "--port", str(sim_port)],
-        tmp / "simulator.log",
-        env=common.clean_env(),
-        cwd=tmp,
-    )
-    svc = common.ManagedProcess(
-        "service",
-        [sys.executable, "-m", "bot.cli", "--config", str(tmp / "bench.yaml"), "serve"],
-        tmp / "service.log",
-        env=common.clean_env({"BENCH_WX_SECRET": SECRET}),
-        cwd=tmp,
-    )
     api = FakeWechatApi(quota_per_message=20)
     api.add_official_account(APPID, SECRET)
     api_url = await api.start()
-    db_path = tmp / "bench.db"
-    print(f"bench: temp dir {tmp}; fake WeChat API {api_url}")
     try:
-        service_config(
-            tmp / "bench.yaml",
-            port=svc_port,
-            db_url=f"sqlite+aiosqlite:///{db_path}",
-            sim_port=sim_port,
-            api_url=api_url,
-            budget=args.budget,
-        )
-        sim.start()
-        svc.start()
-        msgs, windows = await _load(args, profiles, api, sim, svc, sim_port, svc_port)
-        svc.stop(15.0)
-        stored = _stored_answers(db_path)
-        result = _result(args, profiles, msgs, windows, api, stored)
-        result["service_log"] = common.scan_json_log(svc.log_path)
-        args.out.mkdir(parents=True, exist_ok=True)
-        json_path = common.write_json(args.out / f"{stem}.json", result)
-        png_path = args.out / f"{stem}.png"
-        _plot(result, png_path)
-        print(_summary(result, [json_path, png_path]))
-        return 0 if result["ok"] else 1
+        with processes.Workspace("bench-wechat-", keep=args.keep_tmp) as ws:
+            sim = ws.simulator()
+            svc = ws.service(env={"BENCH_WX_SECRET": SECRET})
+            print(f"bench: temp dir {ws.tmp}; fake WeChat API {api_url}")
+            service_config(
+                ws.config_path,
+                port=svc.port,
+                db_url=f"sqlite+aiosqlite:///{ws.sqlite_path}",
+                sim_port=sim.port,
+                api_url=api_url,
+                budget=args.budget,
+            )
+            sim.start()
+            svc.start()
+            msgs, windows = await _load(args, profiles, api, sim, svc)
+            ws.stop()  # the stored answers are complete once the service has stopped
+            stored = _stored_answers(ws.sqlite_path)
+            result = _result(args, profiles, msgs, windows, api, stored)
+            result["service_log"] = common.scan_json_log(svc.log_path)
+            files = common.save_results(args.out, stem, result, lambda png: _plot(result, png))
+            print(_summary(result, files))
+            return 0 if result["ok"] else 1
     finally:
-        svc.stop()
-        sim.stop()
         await api.stop()
-        if args.keep_tmp:
-            print(f"bench: kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _load(
@@ -298,14 +248,10 @@ async def _load(
     api: FakeWechatApi,
     sim: common.ManagedProcess,
     svc: common.ManagedProcess,
-    sim_port: int,
-    svc_port: int,
 ) -> tuple[list[Msg], dict[str, tuple[float, float, float]]]:
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as http:
-        base = f"http://127.0.0.1:{svc_port}"
-        await common.wait_ready(http, f"http://127.0.0.1:{sim_port}/healthz", sim)
-        await common.wait_ready(http, f"{base}/readyz", svc)
+    async with common.http_client() as http:
+        base = svc.url
+        await common.wait_all_ready(http, sim, svc)
         client = WechatClient(http, base + PATH, api, args.lost_responses, args.seed)
         rng = random.Random(args.seed)
         # Warm-up: connections, the access_token, caches.
@@ -352,10 +298,9 @@ async def _quiet(
     end = time.monotonic() + limit
     while time.monotonic() < end:
         in_flight = 1.0
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with http.get(f"{base}/metrics") as r:
-                metrics = common.parse_prometheus(await r.text())
-                in_flight = metrics.get("swarmdesk_replies_in_flight", 0.0)
+        text = await common.fetch_text(http, f"{base}/metrics")
+        if text is not None:
+            in_flight = common.parse_prometheus(text).get("swarmdesk_replies_in_flight", 0.0)
         last = max((s.at for s in api.sent), default=0.0)
         if in_flight == 0 and time.monotonic() - last > 1.0:
             return
@@ -521,9 +466,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"swarmdesk wechat bench: {result['parameters']['rate']:g} msg/s")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(plt, fig, path)
 
 
 def _summary(r: dict[str, Any], files: list[Path]) -> str:
@@ -572,7 +515,4 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
         lines.append(
             "  service log: " + ", ".join(f"{k} x{v}" for k, v in list(log["counts"].items())[:6])
         )
-    if r["problems"]:
-        lines.append("PROBLEMS: " + "; ".join(r["problems"]))
-    lines.append("results: " + ", ".join(str(f) for f in files))
-    return "\n".join(lines)
+    return "\n".join(lines + common.summary_tail(r, files))

@@ -26,9 +26,6 @@ import os
 import random
 import resource
 import secrets
-import shutil
-import sys
-import tempfile
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -36,10 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
-import yaml
 
-from bench import common
+from bench import common, processes
 from bench.scenarios.api import QUESTIONS
 
 NAME = "widget"
@@ -55,9 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=50.0, help="visitor messages per second")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load")
     p.add_argument("--connect-concurrency", type=int, default=100)
-    p.add_argument("--sim-first-token-ms", type=float, default=300.0)
-    p.add_argument("--sim-tps", type=float, default=50.0, help="simulator tokens per second")
-    p.add_argument("--reply-tokens", type=int, default=40)
+    common.add_simulator_arguments(p)
     p.add_argument("--warmup", type=int, default=20, help="unmeasured messages before the load")
     p.add_argument("--drain-timeout", type=float, default=15.0)
     p.add_argument("--seed", type=int, default=1)
@@ -74,14 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="providers[].max_concurrency of the simulator (the service's default, 32, caps "
         "50 msg/s of ~1.1 s answers below the offered load)",
     )
-    p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
-    p.add_argument(
-        "--pg-admin-dsn",
-        default=os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
-        help="where to CREATE/DROP the throw-away database for --db postgres",
-    )
-    p.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS, help="results directory")
-    p.add_argument("--tag", default="", help="suffix of the result file names")
+    common.add_db_arguments(p)
+    common.add_output_arguments(p)
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (config, DB, logs)")
 
 
@@ -333,21 +320,13 @@ class ActiveChats:
 def service_config(
     path: Path, *, port: int, db_url: str, sim_port: int, idle: int, max_concurrency: int
 ) -> None:
+    model = {"name": SIM_MODEL, "input_price_per_mtok": 0.27, "output_price_per_mtok": 1.1}
     config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": 5},
-        "database": {"url": db_url},
+        **common.base_service_config(port, db_url),
         "providers": [
-            {
-                "name": "sim",
-                "base_url": f"http://127.0.0.1:{sim_port}/v1",
-                "max_concurrency": max_concurrency,
-                "models": [
-                    {"name": SIM_MODEL, "input_price_per_mtok": 0.27, "output_price_per_mtok": 1.1}
-                ],
-            }
+            common.simulator_provider(sim_port, [model], max_concurrency=max_concurrency)
         ],
         "tiers": {"cheap": [f"sim/{SIM_MODEL}"], "premium": [f"sim/{SIM_MODEL}"]},
-        "log": {"format": "json", "level": "warning"},
         "worker": {"max_concurrent_conversations": 1024},
         "channels": {
             "widget": {
@@ -365,7 +344,7 @@ def service_config(
             }
         },
     }
-    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), "utf-8")
+    common.write_yaml(path, config)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -377,87 +356,41 @@ async def run(args: argparse.Namespace) -> int:
     print(f"bench: open files limit {soft} (hard {hard})")
     tag = f"-{args.tag}" if args.tag else ""
     stem = f"widget-{args.db}-i{args.idle}-r{args.rate:g}{tag}"
-    tmp = Path(tempfile.mkdtemp(prefix="bench-widget-"))
-    sim_port, svc_port = common.free_port(), common.free_port()
-    while svc_port == sim_port:
-        svc_port = common.free_port()
-    sim = common.ManagedProcess(
-        "simulator",
-        [
-            *(sys.executable, "-m", "orchestration.llm.simulator"),
-            *("--port", str(sim_port), "--first-token-ms", str(args.sim_first_token_ms)),
-            *("--tps", str(args.sim_tps), "--reply-tokens", str(args.reply_tokens)),
-        ],
-        tmp / "simulator.log",
-        env=common.clean_env(),
-        cwd=tmp,
-    )
-    svc = common.ManagedProcess(
-        "service",
-        [
-            *(sys.executable, "-m", "bot.cli", "--config", str(tmp / "bench.yaml")),
-            *("serve", "--port", str(svc_port)),
-        ],
-        tmp / "service.log",
-        env=common.clean_env({"SWARMDESK_API_KEY": "bench"}),
-        cwd=tmp,
-    )
-    print(f"bench: temp dir {tmp}")
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            if args.db == "postgres":
-                name = f"swarmdesk_bench_{os.getpid()}_{secrets.token_hex(3)}"
-                db_url = await stack.enter_async_context(
-                    common.temporary_postgres_db(args.pg_admin_dsn, name)
-                )
-            else:
-                db_url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
+    with processes.Workspace("bench-widget-", keep=args.keep_tmp) as ws:
+        sim = ws.simulator(common.simulator_options(args))
+        svc = ws.service(env={"SWARMDESK_API_KEY": "bench"})
+        print(f"bench: temp dir {ws.tmp}")
+        async with ws.database(args.db, args.pg_admin_dsn) as db_url:
             service_config(
-                tmp / "bench.yaml",
-                port=svc_port,
+                ws.config_path,
+                port=svc.port,
                 db_url=db_url,
-                sim_port=sim_port,
+                sim_port=sim.port,
                 idle=args.idle,
                 max_concurrency=args.provider_max_concurrency,
             )
-            stack.callback(sim.stop)
             sim.start()
-            stack.callback(svc.stop, 15.0)
             svc.start()
-            measured = await _measure(args, sim, svc, sim_port, svc_port)
+            measured = await _measure(args, sim, svc)
             # Processes stop here (service first), then the PostgreSQL database is dropped.
         measured["service_log"] = common.scan_json_log(svc.log_path)
         result = _result(args, measured)
-        args.out.mkdir(parents=True, exist_ok=True)
-        json_path = common.write_json(args.out / f"{stem}.json", result)
-        png_path = args.out / f"{stem}.png"
-        _plot(result, measured, png_path)
-        print(_summary(result, [json_path, png_path]))
+        files = common.save_results(
+            args.out, stem, result, lambda png: _plot(result, measured, png)
+        )
+        print(_summary(result, files))
         return 0 if result["ok"] else 1
-    finally:
-        svc.stop()
-        sim.stop()
-        if args.keep_tmp:
-            print(f"bench: kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _measure(
-    args: argparse.Namespace,
-    sim: common.ManagedProcess,
-    svc: common.ManagedProcess,
-    sim_port: int,
-    svc_port: int,
+    args: argparse.Namespace, sim: common.ManagedProcess, svc: common.ManagedProcess
 ) -> dict[str, Any]:
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as http:
-        base = f"http://127.0.0.1:{svc_port}"
-        url = f"ws://127.0.0.1:{svc_port}/widget/v1/ws?site={SITE}"
-        await common.wait_ready(http, f"http://127.0.0.1:{sim_port}/healthz", sim)
-        await common.wait_ready(http, f"{base}/readyz", svc)
-        svc_proc, sim_proc, me = (psutil.Process(p) for p in (svc.pid, sim.pid, os.getpid()))
-        rss = common.RssSampler({"service": svc_proc, "simulator": sim_proc, "loadgen": me})
+    async with common.http_client() as http:
+        url = f"ws://127.0.0.1:{svc.port}/widget/v1/ws?site={SITE}"
+        await common.wait_all_ready(http, sim, svc)
+        procs = common.psutil_processes({"service": svc, "simulator": sim, "loadgen": None})
+        svc_proc = procs["service"]
+        rss = common.RssSampler(procs)
         rss.start()
         marks: dict[str, float] = {"start": time.perf_counter()}
         rss_idle_before = int(svc_proc.memory_info().rss)
@@ -480,29 +413,22 @@ async def _measure(
         chats = ActiveChats(http, url, args.seed, cap=max(10, int(args.rate * (reply_s + 2))))
         await chats.run(rate=max(1.0, args.warmup / 2), duration=2.0, first_index=0, warmup=True)
         await chats.drain(20)
-        ours = (svc_proc, sim_proc, me)
-        other_before = await common.wait_quiet(ours, args.wait_quiet)
+        other_before = await common.wait_quiet(list(procs.values()), args.wait_quiet)
         marks["load_start"] = time.perf_counter()
-        cpu0 = {n: common.cpu_seconds(p) for n, p in rss.procs.items()}
-        machine0 = common.machine_busy_seconds()
+        usage = common.CpuWindow(procs)
         chats.measuring = True
         print(f"bench: {args.rate:g} messages/s for {args.duration:g} s")
         await chats.run(args.rate, args.duration, first_index=10_000, warmup=False)
         marks["last_send"] = time.perf_counter()
         await chats.drain(args.drain_timeout)
         chats.measuring = False
-        cpu1 = {n: common.cpu_seconds(p) for n, p in rss.procs.items()}
-        machine = common.machine_busy_seconds() - machine0
+        usage.stop()
         marks["end"] = time.perf_counter()
         idle_alive = crowd.alive
         await rss.stop()
-        metrics: dict[str, float] = {}
-        buckets: dict[float, float] = {}
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with http.get(f"{base}/metrics") as r:
-                text = await r.text()
-                metrics = common.parse_prometheus(text)
-                buckets = _histogram(text, "swarmdesk_widget_delta_delivery_seconds")
+        text = await common.fetch_text(http, f"{svc.url}/metrics") or ""
+        metrics = common.parse_prometheus(text)
+        buckets = _histogram(text, "swarmdesk_widget_delta_delivery_seconds")
         await chats.close()
         await crowd.close()
     return {
@@ -514,9 +440,9 @@ async def _measure(
         "rss_idle_after": rss_idle_after,
         "idle_alive": idle_alive,
         "marks": marks,
-        "cpu": {n: cpu1[n] - cpu0[n] for n in cpu0},
+        "cpu": usage.cpu,
         "other_cores_before": other_before,
-        "other_cpu_s": max(0.0, machine - sum(cpu1[n] - cpu0[n] for n in cpu0)),
+        "other_cpu_s": usage.others_s,
         "metrics": metrics,
         "buckets": buckets,
     }
@@ -651,15 +577,12 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
         f"service RSS peak {result['memory_mb']['service_peak']} MB"
     )
     ax = axes[0]
-    ps, vs = common.percentile_curve(chats.delta_ms)
-    if ps:
-        ax.plot([100 - x for x in ps[:-1]], vs[:-1], label=f"deltas (n={len(chats.delta_ms)})")
-    ax.set_xscale("log")
-    ax.set_xlim(100, 0.01)
-    ticks = [100, 50, 10, 1, 0.1, 0.01]
-    ax.set_xticks(ticks, [f"p{100 - t:g}" for t in ticks])
-    ax.set_ylabel("ms from orchestration to the visitor's socket")
-    ax.grid(True, which="both", alpha=0.3)
+    common.plot_percentiles(
+        ax,
+        {"deltas": chats.delta_ms},
+        "ms from orchestration to the visitor's socket",
+        tail=0.01,
+    )
     ax.legend()
     ax = axes[1]
     t0 = m["marks"]["start"]
@@ -673,9 +596,7 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("RSS, MB")
     ax.legend()
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(plt, fig, path)
 
 
 def _summary(r: dict[str, Any], files: list[Path]) -> str:
@@ -683,8 +604,7 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
     c, hist = r["counts"], r["server_histogram_ms"]
 
     def row(label: str, s: dict[str, Any]) -> str:
-        cells = "".join(f"{common.fmt_ms(s.get(k)):>9}" for k in ("p50", "p90", "p99", "max"))
-        return f"  {label:<32}{cells}{s.get('count', 0):>8}"
+        return common.latency_row(label, s, 32)
 
     lines = [
         "",
@@ -701,7 +621,7 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
         f"deltas {c.get('deltas', 0)} over {c['active_connections']} active connections "
         f"(messages queued behind a busy visitor: {c.get('queued_behind_busy_visitor', 0)})",
         "",
-        f"  {'latency, ms':<32}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}{'n':>8}",
+        common.latency_header("latency, ms", 32),
         row("delta: orchestration -> socket", lat["delta_to_socket"]),
         row("first delta after send", lat["first_delta_from_send"]),
         row("final after send", lat["final_from_send"]),
@@ -721,9 +641,4 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
         lines.append(
             "service log: " + ", ".join(f"{k} x{v}" for k, v in list(log["counts"].items())[:6])
         )
-    for note in r["notes"][:5]:
-        lines.append(f"  note: {note}")
-    if r["problems"]:
-        lines.append("PROBLEMS: " + "; ".join(r["problems"]))
-    lines.append("results: " + ", ".join(str(f) for f in files))
-    return "\n".join(lines)
+    return "\n".join(lines + common.summary_tail(r, files))

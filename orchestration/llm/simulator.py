@@ -31,7 +31,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -628,6 +628,41 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class _Envelope:
+    """What every chunk of one streamed reply shares; only the delta part changes."""
+
+    reply_id: str
+    model: str
+    include_usage: bool
+
+    @property
+    def _created(self) -> str:
+        return (
+            f'data: {{"id":"{self.reply_id}","object":"chat.completion.chunk",'
+            f'"created":{int(time.time())},"model":{json.dumps(self.model)},'
+            f'"system_fingerprint":"fp_swarmdesk_sim","choices":'
+        )
+
+    def parts(self) -> tuple[str, str]:
+        """(head, tail) of a chunk: a delta's JSON goes in between."""
+        usage_null = ',"usage":null' if self.include_usage else ""
+        head = f'{self._created}[{{"index":0,"delta":'
+        return head, f',"logprobs":null,"finish_reason":null}}]{usage_null}}}\n\n'
+
+    def end(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> str:
+        """The finish chunk, the usage chunk if asked for, and [DONE]."""
+        head, tail = self.parts()
+        out = [
+            head + "{}" + tail.replace('"finish_reason":null', f'"finish_reason":"{finish_reason}"')
+        ]
+        if self.include_usage:
+            usage = json.dumps(_usage(prompt_tokens, completion_tokens), separators=(",", ":"))
+            out.append(f'{self._created}[],"usage":{usage}}}\n\n')
+        out.append("data: [DONE]\n\n")
+        return "".join(out)
+
+
 async def _stream(
     request: web.Request,
     state: _State,
@@ -641,6 +676,32 @@ async def _stream(
     include_usage: bool,
 ) -> web.StreamResponse:
     """SSE in OpenAI's chunk format; several tokens share a chunk when the rate is high."""
+    envelope = _Envelope(reply_id, model, include_usage)
+    head, tail = envelope.parts()
+    role_chunk = f'{head}{{"role":"assistant","content":""}}{tail}'
+
+    def render(sent: int, upto: int) -> str:
+        content = json.dumps("".join(tokens[sent:upto]), ensure_ascii=False)
+        return (role_chunk if sent == 0 else "") + f'{head}{{"content":{content}}}{tail}'
+
+    steps = len(tokens)
+    if plan.fault == "cut":
+        steps = len(tokens) // 2 if len(tokens) > 1 else 0
+    return await _paced(request, state, plan, envelope, steps, render, finish_reason, prompt_tokens)
+
+
+async def _paced(
+    request: web.Request,
+    state: _State,
+    plan: _Plan,
+    envelope: _Envelope,
+    steps: int,
+    render: Callable[[int, int], str],
+    finish_reason: str,
+    prompt_tokens: int,
+) -> web.StreamResponse:
+    """Stream `steps` steps (tokens, tool-call pieces) at the plan's pace: every step due by
+    now goes out in one write of `render(first, end)`; then the end (or the planned cut)."""
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
@@ -649,20 +710,6 @@ async def _stream(
         }
     )
     await response.prepare(request)
-
-    # Every chunk shares this envelope; only the delta / finish_reason part changes.
-    usage_null = ',"usage":null' if include_usage else ""
-    head = (
-        f'data: {{"id":"{reply_id}","object":"chat.completion.chunk",'
-        f'"created":{int(time.time())},"model":{json.dumps(model)},'
-        f'"system_fingerprint":"fp_swarmdesk_sim","choices":[{{"index":0,"delta":'
-    )
-    tail = f',"logprobs":null,"finish_reason":null}}]{usage_null}}}\n\n'
-    role_chunk = f'{head}{{"role":"assistant","content":""}}{tail}'
-
-    stop_at = len(tokens)
-    if plan.fault == "cut":
-        stop_at = len(tokens) // 2 if len(tokens) > 1 else 0
     interval = 1 / plan.tokens_per_second if plan.tokens_per_second > 0 else 0.0
     loop = asyncio.get_running_loop()
     start = loop.time() + plan.first_token_s
@@ -671,49 +718,24 @@ async def _stream(
         if not await _wait(request, state, plan.first_token_s):
             state.stats.disconnected += 1
             return response
-        while sent < stop_at and not state.closing:
-            # Send every token that is due by now (at least one), in one chunk.
-            due = stop_at if interval == 0 else int((loop.time() - start) / interval) + 1
-            upto = min(stop_at, max(sent + 1, due))
-            content = json.dumps("".join(tokens[sent:upto]), ensure_ascii=False)
-            chunk = f'{head}{{"content":{content}}}{tail}'
-            await response.write(((role_chunk if sent == 0 else "") + chunk).encode())
+        while sent < steps and not state.closing:
+            due = steps if interval == 0 else int((loop.time() - start) / interval) + 1
+            upto = min(steps, max(sent + 1, due))
+            await response.write(render(sent, upto).encode())
             state.stats.completion_tokens += upto - sent
             sent = upto
-            if sent < stop_at:
+            if sent < steps:
                 wait = start + sent * interval - loop.time()
                 await asyncio.sleep(max(wait, _MIN_WRITE_GAP_S))
 
         if plan.fault == "cut" or state.closing:
             _close(request)
             return response
-
-        end = [f'{head}{{}},"logprobs":null,"finish_reason":"{finish_reason}"}}]{usage_null}}}\n\n']
-        if include_usage:
-            usage = json.dumps(_usage(prompt_tokens, sent), separators=(",", ":"))
-            end.append(
-                f'data: {{"id":"{reply_id}","object":"chat.completion.chunk",'
-                f'"created":{int(time.time())},"model":{json.dumps(model)},'
-                f'"system_fingerprint":"fp_swarmdesk_sim","choices":[],"usage":{usage}}}\n\n'
-            )
-        end.append("data: [DONE]\n\n")
-        await response.write("".join(end).encode())
+        await response.write(envelope.end(finish_reason, prompt_tokens, sent).encode())
         state.stats.completed += 1
     except ConnectionError:
         state.stats.disconnected += 1  # the client gave up; nothing left to do
     return response
-
-
-def _sse_envelope(reply_id: str, model: str, include_usage: bool) -> tuple[str, str]:
-    """(head, tail) of a chunk whose delta goes in between (as in `_stream`)."""
-    usage_null = ',"usage":null' if include_usage else ""
-    head = (
-        f'data: {{"id":"{reply_id}","object":"chat.completion.chunk",'
-        f'"created":{int(time.time())},"model":{json.dumps(model)},'
-        f'"system_fingerprint":"fp_swarmdesk_sim","choices":[{{"index":0,"delta":'
-    )
-    tail = f',"logprobs":null,"finish_reason":null}}]{usage_null}}}\n\n'
-    return head, tail
 
 
 def _tool_call_deltas(
@@ -761,60 +783,18 @@ async def _stream_tool_calls(
 ) -> web.StreamResponse:
     """Tool calls in OpenAI's streaming shape, paced like text: each call's header, then
     its arguments in pieces; finish_reason "tool_calls", then the usage chunk."""
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await response.prepare(request)
-    head, tail = _sse_envelope(reply_id, model, include_usage)
+    envelope = _Envelope(reply_id, model, include_usage)
+    head, tail = envelope.parts()
     steps = [(i, p) for i, call in enumerate(calls) for p in range(-1, len(call.pieces))]
-    stop_at = len(steps) // 2 if plan.fault == "cut" else len(steps)
-    interval = 1 / plan.tokens_per_second if plan.tokens_per_second > 0 else 0.0
-    loop = asyncio.get_running_loop()
-    start = loop.time() + plan.first_token_s
-    sent = 0
-    try:
-        if not await _wait(request, state, plan.first_token_s):
-            state.stats.disconnected += 1
-            return response
-        while sent < stop_at and not state.closing:
-            due = stop_at if interval == 0 else int((loop.time() - start) / interval) + 1
-            upto = min(stop_at, max(sent + 1, due))
-            deltas = _tool_call_deltas(calls, steps[sent:upto])
-            await response.write(
-                "".join(
-                    f"{head}{json.dumps(d, ensure_ascii=False, separators=(',', ':'))}{tail}"
-                    for d in deltas
-                ).encode()
-            )
-            state.stats.completion_tokens += upto - sent
-            sent = upto
-            if sent < stop_at:
-                wait = start + sent * interval - loop.time()
-                await asyncio.sleep(max(wait, _MIN_WRITE_GAP_S))
 
-        if plan.fault == "cut" or state.closing:
-            _close(request)
-            return response
+    def render(sent: int, upto: int) -> str:
+        return "".join(
+            f"{head}{json.dumps(d, ensure_ascii=False, separators=(',', ':'))}{tail}"
+            for d in _tool_call_deltas(calls, steps[sent:upto])
+        )
 
-        usage_null = ',"usage":null' if include_usage else ""
-        end = [f'{head}{{}},"logprobs":null,"finish_reason":"tool_calls"}}]{usage_null}}}\n\n']
-        if include_usage:
-            usage = json.dumps(_usage(prompt_tokens, sent), separators=(",", ":"))
-            end.append(
-                f'data: {{"id":"{reply_id}","object":"chat.completion.chunk",'
-                f'"created":{int(time.time())},"model":{json.dumps(model)},'
-                f'"system_fingerprint":"fp_swarmdesk_sim","choices":[],"usage":{usage}}}\n\n'
-            )
-        end.append("data: [DONE]\n\n")
-        await response.write("".join(end).encode())
-        state.stats.completed += 1
-    except ConnectionError:
-        state.stats.disconnected += 1
-    return response
+    count = len(steps) // 2 if plan.fault == "cut" else len(steps)
+    return await _paced(request, state, plan, envelope, count, render, "tool_calls", prompt_tokens)
 
 
 async def _whole_tool_calls(
