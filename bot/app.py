@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import ipaddress
 import os
@@ -15,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot import metrics
 from bot.demo_shop import build_demo_shop_app
 from bot.hub import Hub
 from bot.pipeline import Pipeline
@@ -186,12 +188,15 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     # pauses) are collected far less often: `bench api --rate 100` spent a third of the time
     # in the GC, with shorter stalls.
     gc.set_threshold(10_000, 20, 20)
+    metrics.watch_gc()
+    lag_watch = asyncio.create_task(metrics.watch_loop_lag())
     log.info(
         "started",
         database=engine.url.render_as_string(hide_password=True),
         channels=sorted(channels),
     )
     yield
+    lag_watch.cancel()
     # Graceful stop: the listener is closed already; let in-flight answers finish.
     finished = await queue.drain(settings.server.shutdown_grace_seconds)
     if not finished:

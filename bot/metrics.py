@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20, 30, 60)
@@ -36,3 +40,43 @@ LLM_TOKENS = Counter(
 LLM_COST = Counter("swarmdesk_llm_cost_total", "Money spent on models", ["provider", "model"])
 IN_FLIGHT = Gauge("swarmdesk_replies_in_flight", "Answers being written right now")
 STREAM_CLIENTS = Gauge("swarmdesk_stream_clients", "Connected streaming clients (SSE/WebSocket)")
+
+# What makes a busy process answer late, for the tail of the latencies above.
+_PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+GC_PAUSE = Histogram(
+    "swarmdesk_gc_pause_seconds",
+    "Garbage collections (the whole process stands still meanwhile)",
+    ["generation"],
+    buckets=_PAUSE_BUCKETS,
+)
+LOOP_LAG = Histogram(
+    "swarmdesk_event_loop_lag_seconds",
+    "How late the event loop ran a timer set for now (sampled twice a second)",
+    buckets=_PAUSE_BUCKETS,
+)
+_LOOP_LAG_EVERY_S = 0.5
+_gc_started: list[float] = []
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started.append(time.perf_counter())
+    elif _gc_started:
+        GC_PAUSE.labels(str(info.get("generation", "?"))).observe(
+            time.perf_counter() - _gc_started.pop()
+        )
+
+
+def watch_gc() -> None:
+    """Time every garbage collection (idempotent)."""
+    if _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)
+
+
+async def watch_loop_lag() -> None:
+    """Run for the life of the service: a timer's lateness is what every callback waits."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + _LOOP_LAG_EVERY_S
+        await asyncio.sleep(_LOOP_LAG_EVERY_S)
+        LOOP_LAG.observe(max(loop.time() - due, 0.0))

@@ -367,6 +367,10 @@ class Pipeline:
         # A sink that delivers nothing (its clients read the event bus): storing the answer
         # is its delivery, recorded in the same transaction.
         delivered = _delivers_nothing(sink)
+        handoff = None
+        if reply.escalate is not None:
+            e = reply.escalate
+            handoff = (e.reason, _handoff_card(e.detail, e.card))
         row = await self.db.write(
             partial(
                 store.finish_answer,
@@ -386,6 +390,7 @@ class Pipeline:
                     latency_ms=round((time.monotonic() - started) * 1000, 2),
                     routing=final.routing or None,
                     delivered=delivered,
+                    handoff=handoff,
                 ),
             )
         )
@@ -401,10 +406,8 @@ class Pipeline:
             await sink.fail("human took over")
             metrics.REPLIES.labels(conv_ref.channel, "abandoned").inc()
             return
-        if reply.escalate is not None:
-            await self.request_handoff(
-                conv_ref.id, reply.escalate.reason, reply.escalate.detail, reply.escalate.card
-            )
+        if handoff is not None:
+            log.info("handoff_requested", conversation_id=conv_ref.id, reason=handoff[0])
         self.hub.publish(final_msg.event())
         metrics.REPLY_TIME.labels(conv_ref.channel).observe(time.monotonic() - started)
         metrics.REPLIES.labels(conv_ref.channel, "degraded" if final.degraded else "model").inc()
@@ -490,7 +493,7 @@ class Pipeline:
                 store.request_handoff,
                 conversation_id=conversation_id,
                 reason=reason,
-                card={**(card or {}), "detail": detail} if detail or card else None,
+                card=_handoff_card(detail, card),
             )
         )
         if handed:
@@ -560,6 +563,10 @@ def _verified(channel: str, contact_attributes: dict[str, Any] | None) -> bool:
     if channel in _TRUSTED_CHANNELS:
         return True
     return bool((contact_attributes or {}).get("verified"))
+
+
+def _handoff_card(detail: str, card: dict[str, Any] | None) -> dict[str, Any] | None:
+    return {**(card or {}), "detail": detail} if detail or card else None
 
 
 def _delivers_nothing(sink: ReplySink) -> bool:

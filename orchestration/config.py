@@ -69,7 +69,7 @@ class ReplySettings(_Section):
     max_output_tokens: int = Field(800, gt=0)
     turn_deadline_seconds: float = Field(30.0, gt=0)
     stream_flush_ms: int = Field(
-        50,
+        100,
         ge=0,
         le=1000,
         description="tokens arriving within this time of the last handed-on delta go on "

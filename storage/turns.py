@@ -628,12 +628,15 @@ class FinalAnswer:
     # The channel delivers nothing beyond the stored answer (its clients read the event
     # bus): record it as sent right away instead of in a second transaction.
     delivered: bool
+    # (reason, card): the answer asks for a person. In the same transaction, so no message
+    # that arrives after this answer is taken by the bot instead of waiting for them.
+    handoff: tuple[str, dict[str, Any] | None] | None = None
 
 
 def finish_answer(conn: Connection, a: FinalAnswer) -> StoredRow:
-    """Store the final answer and its model calls. If a person took the conversation over
-    while the bot was writing, the answer is stored as abandoned instead (the bot never
-    talks over a human): the returned row's status says which."""
+    """Store the final answer and its model calls (and its handoff request). If a person
+    took the conversation over while the bot was writing, the answer is stored as abandoned
+    instead (the bot never talks over a human): the returned row's status says which."""
     now = utcnow()
     if a.calls:
         conn.execute(
@@ -671,6 +674,8 @@ def finish_answer(conn: Connection, a: FinalAnswer) -> StoredRow:
             "completed_at": now,
         }
         inbound = {"status": MessageStatus.ANSWERED.value, "routing": a.routing}
+        if a.handoff is not None:
+            request_handoff(conn, a.conversation_id, *a.handoff)
     conn.execute(_SET_MESSAGE, {"b_id": a.out_id, **out})
     conn.execute(_SET_MESSAGE, {"b_id": a.inbound_id, **inbound})
     return StoredRow(

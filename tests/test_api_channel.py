@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -182,6 +183,20 @@ async def test_health_and_readiness(sqlite_service: RunningService) -> None:
     assert ready.status_code == 200 and ready.json()["migration"] == ["0002"]
     metrics = await sqlite_service.client.get("/metrics")
     assert "swarmdesk_messages_received_total" in metrics.text
+
+    # What a busy process's tail is made of: its garbage collections and the loop's lag.
+    gc.collect()
+    await asyncio.sleep(0.6)  # one lag sample
+    text = (await sqlite_service.client.get("/metrics")).text
+    assert 'swarmdesk_gc_pause_seconds_count{generation="2"}' in text
+    assert _sample(text, "swarmdesk_event_loop_lag_seconds_count") >= 1
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in the metrics")
 
 
 async def test_bad_input_gets_clear_errors_and_loses_nothing(

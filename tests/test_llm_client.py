@@ -369,6 +369,27 @@ async def test_mid_stream_read_timeout_keeps_partial_text() -> None:
     assert err.partial_text == "Partial answer"
 
 
+async def test_slow_but_steady_stream_outlives_the_read_timeout() -> None:
+    """The read timeout is about silence, not length: pieces 0.15 s apart over 1.2 s pass
+    a 0.3 s timeout."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = await start_sse(request)
+        for word in ["one", " two", " three", " four", " five", " six", " seven", " eight"]:
+            await response.write(sse(delta_chunk(word)))
+            await asyncio.sleep(0.15)
+        await response.write(sse(delta_chunk(None, "stop")) + b"data: [DONE]\n\n")
+        return response
+
+    async with (
+        fake_provider(handler) as url,
+        ProviderClient("p", url, None, timeout_s=0.3) as client,
+    ):
+        text, stats = await client.complete_chat("m", MESSAGES)
+    assert text == "one two three four five six seven eight"
+    assert stats.finish_reason == "stop"
+
+
 async def test_error_event_inside_the_stream() -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         response = await start_sse(request)

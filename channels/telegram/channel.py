@@ -74,7 +74,8 @@ class TelegramChannel(Channel):
             token = b.token()
             assert token is not None
             self.clients[b.account] = BotClient(b, token)
-        self.dispatcher = Dispatcher(name="swarmdesk-telegram")
+        # No conversation state lives in aiogram (the pipeline keeps it): no FSM per update.
+        self.dispatcher = Dispatcher(name="swarmdesk-telegram", disable_fsm=True)
         self.dispatcher.message.register(self._on_message)
         self.dispatcher.edited_message.register(self._on_edit, F.text | F.caption)
         self.feeds = {a: UpdateFeed(self.dispatcher, c) for a, c in self.clients.items()}

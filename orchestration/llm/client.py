@@ -47,10 +47,11 @@ _MAX_LINE = 2 * _READ_BUFSIZE
 class ProviderClient:
     """HTTP access to one OpenAI-compatible provider (DeepSeek, Kimi, OpenAI, vLLM, ...).
 
-    `timeout_s` bounds every single network wait (each socket read, getting a pooled or
-    new connection), not the whole call: a healthy stream may run longer than that. The
-    whole call is bounded by the caller's turn deadline, the time to the first token by
-    `first_token_timeout_s`, and TCP connection setup by `connect_timeout_s`.
+    `timeout_s` bounds every single network wait (getting a pooled or new connection, the
+    gap between two pieces of a stream), not the whole call: a healthy stream may run
+    longer than that. The whole call is bounded by the caller's turn deadline, the time to
+    the first token by `first_token_timeout_s`, and TCP connection setup by
+    `connect_timeout_s`.
     `max_concurrency` caps the open connections, i.e. the calls in flight to this provider;
     more calls wait for a free connection.
     """
@@ -74,14 +75,21 @@ class ProviderClient:
         self._headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        # Up to the first token the call's deadline bounds every wait; after it a stream
+        # that stops sending is found by the stall watch below, not by aiohttp's read
+        # timeout, which re-arms a timer for every chunk of every stream.
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             connect=timeout_s,  # a free pooled connection, or a new one
             sock_connect=connect_timeout_s,
-            sock_read=timeout_s,
+            sock_read=None,
         )
+        self.stall_timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        # Streams being read: their body reader -> (bytes seen at the last look, since when).
+        self._streaming: dict[aiohttp.StreamReader, tuple[int, float]] = {}
+        self._stall_watch: asyncio.Task[None] | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
         # Created on first use, inside the running loop it will belong to, so building a
@@ -104,8 +112,42 @@ class ProviderClient:
             )
         return self._session
 
+    def _watch(self, content: aiohttp.StreamReader) -> None:
+        """Fail the stream with a timeout if no byte arrives for `stall_timeout_s`."""
+        loop = asyncio.get_running_loop()
+        self._streaming[content] = (content.total_bytes, loop.time())
+        if self._stall_watch is None:
+            self._stall_watch = loop.create_task(self._watch_stalls())
+
+    def _unwatch(self, content: aiohttp.StreamReader) -> None:
+        self._streaming.pop(content, None)
+
+    async def _watch_stalls(self) -> None:
+        loop = asyncio.get_running_loop()
+        every = min(max(self.stall_timeout_s / 4, 0.02), 1.0)
+        try:
+            while self._streaming:
+                await asyncio.sleep(every)
+                now = loop.time()
+                for content, (seen, since) in list(self._streaming.items()):
+                    total = content.total_bytes
+                    if total != seen:
+                        self._streaming[content] = (total, now)
+                    elif now - since >= self.stall_timeout_s:
+                        del self._streaming[content]
+                        # Raised by the reader's pending (or next) read.
+                        content.set_exception(
+                            aiohttp.ServerTimeoutError(
+                                f"no data for {self.stall_timeout_s:g}s in the middle of a stream"
+                            )
+                        )
+        finally:
+            self._stall_watch = None
+
     async def aclose(self) -> None:
         self._closed = True
+        if self._stall_watch is not None:
+            self._stall_watch.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -306,6 +348,7 @@ class _Call:
             # each layer above instead of one per token.
             readany = response.content.readany
             rest = b""
+            client._watch(response.content)
             while not self._done:
                 data = await readany()
                 if not data:
@@ -346,6 +389,7 @@ class _Call:
             ) from exc
         finally:
             if response is not None:
+                client._unwatch(response.content)
                 # Back to the pool when the body was read to its end, closed otherwise.
                 response.release()
             stats.total_s = time.monotonic() - stats.started_at
