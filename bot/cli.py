@@ -9,7 +9,6 @@ from importlib import resources
 
 from pydantic import ValidationError
 
-from bot import eventloop
 from bot import logging as logs
 from bot.settings import ConfigError, Settings, load_settings
 from channels.telegram.cli import register_cli as register_telegram_cli
@@ -36,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.server.port = args.port
     logs.configure(settings.log.format, settings.log.level)
     try:
-        eventloop.run(serve(settings), settings.server.event_loop)
+        asyncio.run(serve(settings))
     except OSError as e:
         print(
             f"swarmdesk: cannot listen on {settings.server.host}:{settings.server.port}: {e}; "

@@ -40,9 +40,6 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(64 * 1024, gt=0, description="largest accepted request body")
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     public_url: str | None = Field(None, description="URL the platforms reach us at")
-    event_loop: Literal["uvloop", "asyncio"] = Field(
-        "uvloop", description="uvloop (less CPU per message) or Python's own asyncio loop"
-    )
 
 
 class DatabaseSettings(_Section):
