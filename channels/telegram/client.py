@@ -53,6 +53,11 @@ class ChatGate:
         self.next_stream_at = at + interval
         return at
 
+    def stream_update_leaves(self, interval: float) -> None:
+        """A streamed update is sent now: the next waits a whole interval from now, also
+        when this one left later than booked (a busy loop), so two never arrive closer."""
+        self.next_stream_at = max(self.next_stream_at, time.monotonic() + interval)
+
     def release_stream_slot(self, at: float, interval: float) -> None:
         """Give back a booked slot that went unused (the answer finished first)."""
         if self.next_stream_at == at + interval:

@@ -163,6 +163,7 @@ class TelegramSink(ReplySink):
                 self._gate.release_stream_slot(at, interval)  # the final may use it
                 return  # the final message is on its way: no more previews
             self._wake.clear()
+            self._gate.stream_update_leaves(interval)
             try:
                 await self._show(plain(self._text))
             except TelegramRetryAfter:
