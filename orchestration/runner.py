@@ -92,8 +92,8 @@ class _Attempt:
     async def _produce(self) -> None:
         # Deltas are handed on at most once per `flush_s`: the first at once, the ones that
         # follow it within that time together. Every layer above (orchestration, the
-        # channel sinks, the event bus and its streams) then wakes ~20 times a second per
-        # answer instead of once per token, which is what keeps a busy loop responsive.
+        # channel sinks, the event bus and its streams) then wakes ~10 times a second per
+        # answer (at 100 ms) instead of once per token: what keeps a busy loop responsive.
         loop = asyncio.get_running_loop()
         pending: list[str] = []
         timer: asyncio.TimerHandle | None = None
@@ -107,6 +107,7 @@ class _Attempt:
                 pending.clear()
                 next_at = loop.time() + self.flush_s
 
+        end: BaseException | None = None  # None: the stream ended well
         try:
             async with self.stream:
                 async for delta in self.stream:
@@ -118,19 +119,15 @@ class _Attempt:
                             flush()
                         else:
                             timer = loop.call_at(next_at, flush)
-            if timer is not None:
-                timer.cancel()
-            flush()
-            self.queue.put_nowait(None)
         except asyncio.CancelledError:
-            if timer is not None:
-                timer.cancel()
             raise
         except BaseException as e:  # handed to the consumer, which raises it
+            end = e
+        finally:
             if timer is not None:
                 timer.cancel()
-            flush()  # what streamed before the failure still counts as sent
-            self.queue.put_nowait(e)
+        flush()  # (also before a failure: what streamed until then still counts as sent)
+        self.queue.put_nowait(end)
 
     def _arm(self, deadline: float) -> None:
         if self._timer is not None:
