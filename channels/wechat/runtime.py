@@ -10,6 +10,9 @@ from typing import Any, TypeVar
 
 import httpx
 from aiohttp import web
+from wechatpy.enterprise.crypto import WeChatCrypto as EnterpriseCrypto
+from wechatpy.enterprise.exceptions import InvalidCorpIdException
+from wechatpy.exceptions import InvalidSignatureException
 
 from channels.base import Channel, ChannelHost
 from channels.http import ApiError
@@ -82,3 +85,20 @@ def signed_params(
             "every callback)",
         )
     return sig, ts, nonce
+
+
+def verify_echo(crypto: EnterpriseCrypto, query: Mapping[str, str]) -> web.Response:
+    """WeCom's URL check (app and bot alike): decrypt `echostr` and send it back."""
+    sig, ts, nonce = signed_params(query)
+    echo = query.get("echostr")
+    if not echo:
+        raise ApiError(400, "missing_parameter", "echostr is required for URL verification")
+    try:
+        plain = crypto.check_signature(sig, ts, nonce, echo)
+    except InvalidSignatureException as e:
+        raise ApiError(403, "invalid_signature", "msg_signature does not match") from e
+    except InvalidCorpIdException as e:
+        raise ApiError(403, "wrong_corp_id", "echostr was made for another corp id") from e
+    except Exception as e:
+        raise ApiError(400, "cannot_decrypt", "cannot decrypt echostr; check the key") from e
+    return web.Response(text=str(plain))

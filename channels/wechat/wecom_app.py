@@ -26,7 +26,7 @@ from channels.wechat.chunks import complete_length, split_text, utf8_len
 from channels.wechat.config import WecomAppSettings
 from channels.wechat.delivery import MAX_BYTES, send_pieces
 from channels.wechat.inbound import normalize
-from channels.wechat.runtime import signed_params
+from channels.wechat.runtime import signed_params, verify_echo
 from channels.wechat.tokens import TokenStore
 from channels.wechat.xmlsafe import read_limited, safe_xml
 
@@ -72,19 +72,7 @@ class WecomApp:
     # -- callbacks ---------------------------------------------------------------------------
 
     async def verify(self, ch: WechatChannelBase, request: web.Request) -> web.Response:
-        sig, ts, nonce = signed_params(request.query)
-        echo = request.query.get("echostr")
-        if not echo:
-            raise ApiError(400, "missing_parameter", "echostr is required for URL verification")
-        try:
-            plain = self.crypto.check_signature(sig, ts, nonce, echo)
-        except InvalidSignatureException as e:
-            raise ApiError(403, "invalid_signature", "msg_signature does not match") from e
-        except InvalidCorpIdException as e:
-            raise ApiError(403, "wrong_corp_id", "echostr was made for another corp id") from e
-        except Exception as e:
-            raise ApiError(400, "cannot_decrypt", "cannot decrypt echostr; check the key") from e
-        return web.Response(text=str(plain))
+        return verify_echo(self.crypto, request.query)
 
     async def receive(self, ch: WechatChannelBase, request: web.Request) -> web.Response:
         sig, ts, nonce = signed_params(request.query)

@@ -32,7 +32,7 @@ from channels.wechat.api import WechatApiError, WechatTransportError, post_respo
 from channels.wechat.chunks import split_text
 from channels.wechat.config import WecomBotSettings
 from channels.wechat.passive import SYSTEM_REPLY, SystemReplySlot
-from channels.wechat.runtime import signed_params
+from channels.wechat.runtime import signed_params, verify_echo
 from channels.wechat.xmlsafe import read_limited
 
 if TYPE_CHECKING:
@@ -99,17 +99,7 @@ class WecomBot:
         return web.json_response(body)
 
     async def verify(self, ch: WechatChannelBase, request: web.Request) -> web.Response:
-        sig, ts, nonce = signed_params(request.query)
-        echo = request.query.get("echostr")
-        if not echo:
-            raise ApiError(400, "missing_parameter", "echostr is required for URL verification")
-        try:
-            plain = self.crypto.check_signature(sig, ts, nonce, echo)
-        except InvalidSignatureException as e:
-            raise ApiError(403, "invalid_signature", "msg_signature does not match") from e
-        except Exception as e:
-            raise ApiError(400, "cannot_decrypt", "cannot decrypt echostr; check the key") from e
-        return web.Response(text=str(plain))
+        return verify_echo(self.crypto, request.query)
 
     # -- callbacks ---------------------------------------------------------------------------
 
