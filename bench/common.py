@@ -616,6 +616,16 @@ async def simulator_stats(http: aiohttp.ClientSession, sim_url: str) -> dict[str
     return {}
 
 
+async def simulator_timings(http: aiohttp.ClientSession, sim_url: str) -> dict[str, Any]:
+    """The `[[sim:tag=X]]` timings the simulator recorded since they were last read."""
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+        async with http.get(f"{sim_url}/_sim/timings") as r:
+            if r.status == 200:
+                data = await r.json()
+                return data if isinstance(data, dict) else {}
+    return {}
+
+
 # --- service logs and metrics -----------------------------------------------------------
 
 

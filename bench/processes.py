@@ -131,6 +131,22 @@ class Workspace:
             stop_grace_s=SERVICE_STOP_GRACE_S,
         )
 
+    def floor_relay(self, sim: common.ManagedProcess) -> common.ManagedProcess:
+        """bench/floor_relay.py (the HTTP API's wire protocol and nothing else) in place of
+        the service, relaying to `sim`."""
+        port = self.free_port()
+        return self.process(
+            "service",
+            [
+                *(sys.executable, "-m", "bench.floor_relay", "--port", str(port)),
+                *("--model-url", f"{sim.url}/v1/chat/completions"),
+            ],
+            port=port,
+            env=common.clean_env(),
+            cwd=common.REPO_ROOT,
+            ready_path="/readyz",
+        )
+
     def use_ref(self, ref: str | None) -> Path:
         """With a git `ref`: the processes made so far run its service code, exported into
         the temp dir, instead of the working tree's. Returns the code's root."""

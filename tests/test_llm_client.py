@@ -500,6 +500,25 @@ async def test_inline_first_token_delay(sim: Simulator) -> None:
     assert err.kind is ErrorKind.TIMEOUT
 
 
+async def test_tagged_calls_report_their_timing(
+    client: ProviderClient, control: httpx.AsyncClient
+) -> None:
+    """A benchmark tags its model calls to take the simulator's own time out of the
+    service's: the simulator says when each tagged request came in and when its first token
+    went out (perf_counter seconds, the same clock as the caller's on this machine)."""
+    before = time.perf_counter()
+    text, _ = await client.complete_chat("m", [ChatMessage("user", "Hi [[sim:tag=m-1]]")])
+    await client.complete_chat("m", [ChatMessage("user", "Untagged")])
+    after = time.perf_counter()
+    assert "[[sim:" not in text
+    timings = (await control.get("/_sim/timings")).json()
+    assert list(timings) == ["m-1"]
+    arrived, first_out = timings["m-1"]
+    assert before <= arrived <= first_out <= after
+    assert first_out - arrived >= 0.005  # the configured first-token delay
+    assert (await control.get("/_sim/timings")).json() == {}  # reading clears them
+
+
 def test_parse_directives() -> None:
     found, rest = parse_directives("Hi [[sim:fault=cut]] there [[sim:tokens=5, tps=9]]")
     assert found == {"fault": "cut", "tokens": "5", "tps": "9"}

@@ -6,7 +6,9 @@ injects the failures real providers produce: 429 with Retry-After, 500, a reques
 hangs, a stream cut mid-way, a slow first token. Faults come from random rates in the
 config, from a FIFO queue filled through `POST /_sim/faults`, or from inline directives
 in the last user message (`[[sim:fault=cut]]`), which lets an end-to-end test steer one
-message through the whole service.
+message through the whole service. `[[sim:tag=X]]` records when the request arrived and
+when its first token went out (`GET /_sim/timings`), so a benchmark can take the
+simulator's own delays out of what it charges to the service.
 
 Offered `tools`, it calls the one that fits the shopper's message and then answers from
 the tool results, in OpenAI's tool-calling format; asked for `response_format:
@@ -50,6 +52,7 @@ _MIN_WRITE_GAP_S = 0.010
 _SLOW_DEFAULT_MS = 5000.0
 # A hung request gives up on its own after this long, so nothing lingers forever.
 _HANG_MAX_S = 600.0
+_MAX_TIMINGS = 200_000
 # Longest reply, whatever a directive or the config asks for (replies are cached).
 _MAX_REPLY_TOKENS = 32_768
 # Long waits check this often whether the client is still there.
@@ -109,6 +112,8 @@ class _Plan:
     first_token_s: float
     tokens_per_second: float
     reply_tokens: int
+    tag: str | None = None
+    arrived: float = 0.0  # time.perf_counter() when the request came in
 
 
 class _State:
@@ -120,13 +125,21 @@ class _State:
         self.rng = random.Random(config.seed)
         self.ids = itertools.count(1)
         self.closing = False
+        # [[sim:tag=X]] -> (arrived, first token written), perf_counter seconds
+        self.timings: dict[str, tuple[float, float]] = {}
 
     def reset(self) -> None:
         for f in dataclasses.fields(self.config):
             setattr(self.config, f.name, getattr(self.initial, f.name))
         self.stats.reset()
         self.queue.clear()
+        self.timings.clear()
         self.rng = random.Random(self.config.seed)
+
+    def record_timing(self, tag: str, arrived: float) -> None:
+        if len(self.timings) >= _MAX_TIMINGS:
+            del self.timings[next(iter(self.timings))]  # the oldest
+        self.timings[tag] = (arrived, time.perf_counter())
 
     def plan(self, directives: dict[str, str]) -> _Plan:
         """Queued fault first, then an inline one, then the configured random rates."""
@@ -161,6 +174,7 @@ class _State:
             reply_tokens=min(
                 _MAX_REPLY_TOKENS, int(_number(directives.get("tokens"), cfg.reply_tokens))
             ),
+            tag=directives.get("tag") or None,
         )
         if plan.fault is not None:
             self.stats.faults[plan.fault] += 1
@@ -459,6 +473,7 @@ def _close(request: web.Request) -> None:
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    arrived = time.perf_counter()
     state = request.app[_STATE]
     try:
         body = await request.json()
@@ -478,6 +493,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
     directives, question = parse_directives(last_user)
     plan = state.plan(directives)
+    plan.arrived = arrived
 
     if plan.fault == "429":
         wait = _seconds_header(plan.retry_after)
@@ -722,6 +738,8 @@ async def _paced(
             due = steps if interval == 0 else int((loop.time() - start) / interval) + 1
             upto = min(steps, max(sent + 1, due))
             await response.write(render(sent, upto).encode())
+            if sent == 0 and plan.tag is not None:
+                state.record_timing(plan.tag, plan.arrived)
             state.stats.completion_tokens += upto - sent
             sent = upto
             if sent < steps:
@@ -940,6 +958,14 @@ async def _get_stats(request: web.Request) -> web.Response:
     return web.json_response(data)
 
 
+async def _get_timings(request: web.Request) -> web.Response:
+    """{tag: [arrived, first token written]} of `[[sim:tag=X]]` requests (perf_counter
+    seconds, comparable across processes on one machine), cleared by reading them."""
+    state = request.app[_STATE]
+    data, state.timings = state.timings, {}
+    return web.json_response(data)
+
+
 async def _reset(request: web.Request) -> web.Response:
     """Back to the configuration the simulator started with; stats and queue cleared."""
     request.app[_STATE].reset()
@@ -960,6 +986,7 @@ def build_simulator_app(config: SimulatorConfig) -> web.Application:
     app.router.add_post("/_sim/faults", _queue_faults)
     app.router.add_post("/_sim/config", _update_config)
     app.router.add_get("/_sim/stats", _get_stats)
+    app.router.add_get("/_sim/timings", _get_timings)
     app.router.add_post("/_sim/reset", _reset)
     app.on_shutdown.append(_on_shutdown)
     return app
