@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 from collections import defaultdict
 from typing import Any
 
@@ -139,9 +138,7 @@ class Relay:
 
 async def main(port: int, model_url: str, model: str) -> None:
     relay = Relay(model_url, model)
-    relay.session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), json_serialize=json.dumps
-    )
+    relay.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     app = web.Application()
     app.router.add_post("/api/v1/messages", relay.post_message)
     app.router.add_get("/api/v1/conversations/{conv}/stream", relay.stream)
