@@ -80,6 +80,31 @@ def add_output_arguments(p: argparse.ArgumentParser, *, profile: bool = False) -
         )
 
 
+def add_workspace_arguments(
+    p: argparse.ArgumentParser, *, wait_quiet: float | None = 0.0, tmp_dir: bool = False
+) -> None:
+    """--keep-tmp; --wait-quiet S (default `wait_quiet`, none when None); with `tmp_dir`,
+    --tmp-dir (where the temp dir with the SQLite file goes)."""
+    if tmp_dir:
+        p.add_argument(
+            "--tmp-dir",
+            type=Path,
+            default=None,
+            help="where the temp dir (config, SQLite file, logs) goes, e.g. /dev/shm to take "
+            "the disk out of the picture (default: the system's temp dir)",
+        )
+    if wait_quiet is not None:
+        p.add_argument(
+            "--wait-quiet",
+            type=float,
+            default=wait_quiet,
+            metavar="S",
+            help="before the load, wait up to S seconds until other processes on the machine "
+            "use less than a quarter of a core (they are measured and reported either way)",
+        )
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (config, DB, logs)")
+
+
 # --- statistics -------------------------------------------------------------------------
 
 

@@ -139,22 +139,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="YAML merged over the generated service config (e.g. reply: or specialists:)",
     )
     common.add_output_arguments(p, profile=True)
-    p.add_argument(
-        "--tmp-dir",
-        type=Path,
-        default=None,
-        help="where the temp dir (with the SQLite file) goes, e.g. /dev/shm to take the disk "
-        "out of the picture (default: the system's temp dir)",
-    )
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="before the load, wait up to S seconds until other processes on the machine use "
-        "less than a quarter of a core (they are measured and reported either way)",
-    )
-    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (config, DB, logs)")
+    common.add_workspace_arguments(p, tmp_dir=True)
 
 
 # --- records ----------------------------------------------------------------------------

@@ -148,21 +148,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="YAML merged over the generated service config (e.g. reply: or resilience:)",
     )
     common.add_output_arguments(p)
-    p.add_argument(
-        "--tmp-dir",
-        type=Path,
-        default=None,
-        help="where the temp dir (config, SQLite file, logs) goes",
-    )
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="before the load, wait up to S seconds until other processes on the machine use "
-        "less than a quarter of a core",
-    )
-    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (config, DB, logs)")
+    common.add_workspace_arguments(p, tmp_dir=True)
 
 
 # --- parameters ---------------------------------------------------------------------------

@@ -85,15 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-requests", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10, help="unmeasured updates before the load")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="wait for late answers")
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="before the load, wait up to this long for other processes to go quiet",
-    )
     common.add_output_arguments(p, profile=True)
-    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (config, DB, logs)")
+    common.add_workspace_arguments(p)
 
 
 # --- the load -----------------------------------------------------------------------------

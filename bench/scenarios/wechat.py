@@ -88,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--drain-timeout", type=float, default=40.0, help="wait for late answers")
     common.add_output_arguments(p)
-    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (config, DB, logs)")
+    common.add_workspace_arguments(p, wait_quiet=None)
 
 
 # --- records ------------------------------------------------------------------------------

@@ -55,12 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout", type=float, default=15.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=120.0,
-        help="before the load, wait up to this many s for other processes to go quiet",
-    )
-    p.add_argument(
         "--provider-max-concurrency",
         type=int,
         default=256,
@@ -69,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     common.add_db_arguments(p)
     common.add_output_arguments(p)
-    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (config, DB, logs)")
+    common.add_workspace_arguments(p, wait_quiet=120.0)
 
 
 # --- file descriptors -------------------------------------------------------------------------
