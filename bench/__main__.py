@@ -9,7 +9,7 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from bench.common import StartupError
+from bench.processes import StartupError
 from bench.scenarios import SCENARIOS, load
 
 

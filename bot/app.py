@@ -4,37 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import ipaddress
-import os
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
+from functools import partial
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import func, select, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot import metrics
 from bot.demo_shop import build_demo_shop_app
 from bot.hub import Hub
+from bot.models import open_models
 from bot.pipeline import Pipeline
+from bot.pipeline.host import Host
 from bot.settings import Settings
 from bot.workqueue import InProcessQueue
-from channels import telegram, wechat, widget
-from channels.api.channel import ApiChannel
+from channels import api, telegram, wechat, widget
 from channels.base import Channel
 from channels.http import error_response, json_errors
 from orchestration.llm.registry import ModelRegistry
-from orchestration.llm.simulator import Simulator, SimulatorConfig
 from orchestration.orchestrator import Orchestrator
 from orchestration.resilience import Guards
 from orchestration.routing import Router, registry_classifier
 from orchestration.runner import ModelRunner
 from orchestration.tools import ToolRunner
 from storage import db, executor
-from storage.models import LLMCall
+from storage.ledger import spent_since
 
 log = structlog.get_logger(__name__)
 
@@ -44,10 +44,16 @@ class Services:
     settings: Settings
     engine: AsyncEngine
     pipeline: Pipeline
+    # The ORM on the async engine: for the demo shop's tools and for tests that look inside.
+    sessions: async_sessionmaker[AsyncSession]
+    orchestrator: Orchestrator
     models: ModelRegistry
-    simulator: Simulator | None
     channels: dict[str, Channel]
     tools: ToolRunner
+
+    @property
+    def host(self) -> Host:
+        return self.pipeline.host
 
     def listening_on(self, base_url: str) -> None:
         """The service's own address, once bound: relative tool URLs (the demo shop) use it."""
@@ -70,43 +76,10 @@ def _own_url(settings: Settings) -> str | None:
     return f"http://{host}:{port}"
 
 
-async def _spent_today(engine: AsyncEngine) -> tuple[date, float]:
-    """Today's model spend from the ledger, so a restart doesn't reset the day's budget."""
-    today = datetime.now(UTC).date()
-    start = datetime(today.year, today.month, today.day, tzinfo=UTC)
-    async with engine.connect() as conn:
-        total = await conn.scalar(
-            select(func.coalesce(func.sum(LLMCall.cost), 0.0)).where(LLMCall.created_at >= start)
-        )
-    return today, float(total or 0.0)
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def build_channels(settings: Settings) -> dict[str, Channel]:
     channels: dict[str, Channel] = {}
-    api = settings.channels.api
-    if api.enabled:
-        key = os.environ.get(api.api_key_env)
-        if not key:
-            if not _loopback(settings.server.host):
-                raise RuntimeError(
-                    f"set {api.api_key_env} before serving the HTTP API on "
-                    f"{settings.server.host}: the development key works only on loopback"
-                )
-            key = api.dev_api_key
-            log.warning(
-                "api_dev_key",
-                detail=f"{api.api_key_env} is unset; the HTTP API "
-                f"accepts the development key '{key}' on loopback only",
-            )
-        channels[ApiChannel.name] = ApiChannel(api.account, [key])
     for ch in (
+        *api.build(settings.channels.api, server_host=settings.server.host),
         *telegram.build(settings.channels.telegram),
         *wechat.build(settings.channels.wechat),
         *widget.build(settings.channels.widget),
@@ -122,27 +95,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     if settings.database.migrate_on_start:
         await db.upgrade(engine)
-    simulator: Simulator | None = None
-    if settings.uses_simulator():
-        sim = settings.simulator
-        simulator = Simulator(
-            SimulatorConfig(
-                first_token_ms=sim.first_token_ms,
-                tokens_per_second=sim.tokens_per_second,
-                reply_tokens=sim.reply_tokens,
-            )
-        )
-        base_url = await simulator.start()
-        models = ModelRegistry.for_simulator(base_url, sim)
-        log.warning(
-            "model_simulator",
-            detail="no LLM key configured: answering with the built-in model simulator; set "
-            "a provider's api_key_env variable to use a real model",
-            url=base_url,
-        )
-    else:
-        models = ModelRegistry.from_settings(settings.live_providers(), settings.tiers)
-        log.info("models", tiers={t: [e.ref for e in models.chain(t)] for t in models.tiers})
+    model_scope = AsyncExitStack()
+    models = await model_scope.enter_async_context(open_models(settings))
     channels: dict[str, Channel] = app[CHANNELS]
     tools = ToolRunner(settings.tools, base_url=_own_url(settings))
     orchestrator = Orchestrator(
@@ -159,23 +113,27 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         settings.budgets,
         classifier=registry_classifier(models),
     )
-    orchestrator.budgets.seed(*await _spent_today(engine))
-    hub = Hub()
+    database = executor.for_engine(engine, settings.database.pool_size)
+    # Today's spend from the ledger, so a restart doesn't reset the day's budget.
+    today = datetime.now(UTC).date()
+    start = datetime(today.year, today.month, today.day, tzinfo=UTC)
+    orchestrator.budgets.seed(today, await database.read(partial(spent_since, since=start)))
     queue = InProcessQueue(settings.worker.max_concurrent_conversations)
-    pipeline = Pipeline(
-        db.session_factory(engine),
-        hub,
-        queue,
-        orchestrator,
-        channels,
-        settings.reply,
-        db=executor.for_engine(engine, settings.database.pool_size),
-    )
-    queue.start(pipeline.handle)
+    pipeline = Pipeline.build(database, Hub(), queue, orchestrator, channels, settings.reply)
+    pipeline.start()
     for ch in channels.values():
-        ch.register(app, pipeline)
+        ch.register(app, pipeline.host)
         await ch.start()
-    services = Services(settings, engine, pipeline, models, simulator, channels, tools)
+    services = Services(
+        settings,
+        engine,
+        pipeline,
+        db.session_factory(engine),
+        orchestrator,
+        models,
+        channels,
+        tools,
+    )
     app[SERVICES] = services
     await pipeline.recover()
     # Start-up builds ~10^5 long-lived objects (aiogram's and pydantic's models, routing
@@ -204,9 +162,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     for ch in channels.values():
         await ch.close()
     await tools.aclose()
-    await models.aclose()
-    if simulator is not None:
-        await simulator.stop()
+    await model_scope.aclose()
     await pipeline.close()
     await engine.dispose()
 

@@ -10,9 +10,11 @@ from importlib import resources
 from pydantic import ValidationError
 
 from bot import logging as logs
+from bot.models import fast_models
 from bot.settings import ConfigError, Settings, load_settings
 from channels.telegram.cli import register_cli as register_telegram_cli
 from orchestration.routing.cli import register_cli as register_routing_cli
+from simulator import cli as simulator_cli
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -94,22 +96,8 @@ def cmd_costs(args: argparse.Namespace) -> int:
 
 
 def cmd_simulator(args: argparse.Namespace) -> int:
-    from orchestration.llm.simulator import SimulatorConfig, run_standalone
-
     logs.configure("auto", "info")
-    run_standalone(
-        args.host,
-        args.port,
-        SimulatorConfig(
-            first_token_ms=args.first_token_ms,
-            tokens_per_second=args.tps,
-            reply_tokens=args.reply_tokens,
-            fail_rate=args.fail_rate,
-            rate_limit_rate=args.rate_limit_rate,
-            hang_rate=args.hang_rate,
-            cut_rate=args.cut_rate,
-        ),
-    )
+    simulator_cli.run(args)
     return 0
 
 
@@ -157,17 +145,9 @@ def parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_costs)
 
     m = sub.add_parser("simulator", help="run the OpenAI-compatible model simulator")
-    m.add_argument("--host", default="127.0.0.1")
-    m.add_argument("--port", type=int, default=8090)
-    m.add_argument("--first-token-ms", type=float, default=300)
-    m.add_argument("--tps", type=float, default=50, help="tokens per second")
-    m.add_argument("--reply-tokens", type=int, default=40)
-    m.add_argument("--fail-rate", type=float, default=0.0, help="share of 500 answers")
-    m.add_argument("--rate-limit-rate", type=float, default=0.0, help="share of 429 answers")
-    m.add_argument("--hang-rate", type=float, default=0.0, help="share of calls that hang")
-    m.add_argument("--cut-rate", type=float, default=0.0, help="share of streams cut mid-way")
+    simulator_cli.add_arguments(m)
     m.set_defaults(func=cmd_simulator)
-    register_routing_cli(sub)
+    register_routing_cli(sub, load_settings=_settings, open_models=fast_models)
     register_telegram_cli(sub, load_settings=_settings, serve=cmd_serve)
     return p
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 from storage import db
-from storage.repository import CostRow, cost_summary
+from storage.ledger import CostRow, cost_summary
 
 
 def parse_when(value: str) -> datetime:
@@ -65,8 +66,8 @@ def report(url: str, since: datetime, until: datetime | None) -> list[CostRow]:
     async def run() -> list[CostRow]:
         engine = db.create_engine(url)
         try:
-            async with db.session_factory(engine)() as s:
-                return await cost_summary(s, since, until)
+            async with engine.connect() as conn:
+                return await conn.run_sync(partial(cost_summary, since=since, until=until))
         finally:
             await engine.dispose()
 

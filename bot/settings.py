@@ -14,9 +14,11 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from channels.api.config import ApiSettings
 from channels.telegram.config import TelegramSettings
 from channels.wechat.config import WechatSettings
 from channels.widget.config import WidgetSettings
+from config_section import ConfigSection
 from orchestration.config import (
     SIMULATOR_PROVIDER,
     BudgetSettings,
@@ -26,7 +28,6 @@ from orchestration.config import (
     SimulatorSettings,
     SpecialistSettings,
     ToolSettings,
-    _Section,
 )
 from orchestration.routing.config import RoutingSettings
 
@@ -34,7 +35,7 @@ DEFAULT_CONFIG_FILE = "swarmdesk.yaml"
 CONFIG_ENV = "SWARMDESK_CONFIG"
 
 
-class ServerSettings(_Section):
+class ServerSettings(ConfigSection):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(64 * 1024, gt=0, description="largest accepted request body")
@@ -42,7 +43,7 @@ class ServerSettings(_Section):
     public_url: str | None = Field(None, description="URL the platforms reach us at")
 
 
-class DatabaseSettings(_Section):
+class DatabaseSettings(ConfigSection):
     url: str = "sqlite+aiosqlite:///./swarmdesk.db"
     migrate_on_start: bool = True
     pool_size: int = Field(10, ge=1)
@@ -66,32 +67,23 @@ class DatabaseSettings(_Section):
         return v
 
 
-class ApiChannelSettings(_Section):
-    enabled: bool = True
-    account: str = "default"
-    api_key_env: str = "SWARMDESK_API_KEY"
-    dev_api_key: str = Field(
-        "dev-key", description="accepted only when the key variable is unset and host is loopback"
-    )
-
-
-class ChannelsSettings(_Section):
-    api: ApiChannelSettings = Field(default_factory=ApiChannelSettings)
+class ChannelsSettings(ConfigSection):
+    api: ApiSettings = Field(default_factory=ApiSettings)
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     wechat: WechatSettings = Field(default_factory=WechatSettings)
     widget: WidgetSettings = Field(default_factory=WidgetSettings)
 
 
-class LogSettings(_Section):
+class LogSettings(ConfigSection):
     format: Literal["auto", "console", "json"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class WorkerSettings(_Section):
+class WorkerSettings(ConfigSection):
     max_concurrent_conversations: int = Field(256, ge=1)
 
 
-class DemoShopSettings(_Section):
+class DemoShopSettings(ConfigSection):
     enabled: bool = Field(
         True, description="serve the sample shop backend (orders, tracking, ...) under /demo-shop"
     )

@@ -16,6 +16,11 @@ from typing import Any, Literal, Protocol
 
 from aiohttp import web
 
+# The stored rows a channel shows and addresses: part of the contract, defined once with the
+# storage that builds them.
+from storage.rows import ConversationRef as ConversationRef
+from storage.rows import StoredMessage as StoredMessage
+
 
 @dataclass(frozen=True, slots=True)
 class InboundMessage:
@@ -49,61 +54,16 @@ class IngestResult:
     duplicate: bool  # a redelivery: stored before, nothing new will happen
 
 
-@dataclass(frozen=True, slots=True)
-class ConversationRef:
-    id: int
-    channel: str
-    account: str
-    chat_id: str
-    contact_id: int
-    owner: str
-
-
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    """A message as a channel may show or replay it."""
-
-    id: int
-    conversation_id: int
-    seq: int
-    direction: str
-    sender: str
-    kind: str
-    text: str
-    status: str
-    created_at: datetime
-    reply_to_id: int | None = None
-    attachments: list[Any] = field(default_factory=list)
-    external_id: str | None = None
-    agent_id: int | None = None
-    platform_message_ids: list[Any] = field(default_factory=list)
-    raw: dict[str, Any] | None = None  # the platform payload (not shown to clients)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "conversation_id": self.conversation_id,
-            "seq": self.seq,
-            "direction": self.direction,
-            "sender": self.sender,
-            "kind": self.kind,
-            "text": self.text,
-            "status": self.status,
-            "reply_to_id": self.reply_to_id,
-            "attachments": self.attachments,
-            "created_at": self.created_at.isoformat(),
-        }
-
-    def event(self) -> ConversationEvent:
-        """The durable event that replays this message on a live stream."""
-        kind: EventType
-        if self.status == "abandoned":
-            kind = "error"  # a cut answer: clients drop its partial text
-        elif self.sender == "bot":
-            kind = "final"
-        else:
-            kind = "message"
-        return ConversationEvent(self.conversation_id, kind, self.seq, None, self.as_json())
+def message_event(message: StoredMessage) -> ConversationEvent:
+    """The durable event that replays a stored message on a live stream."""
+    kind: EventType
+    if message.status == "abandoned":
+        kind = "error"  # a cut answer: clients drop its partial text
+    elif message.sender == "bot":
+        kind = "final"
+    else:
+        kind = "message"
+    return ConversationEvent(message.conversation_id, kind, message.seq, None, message.as_json())
 
 
 EventType = Literal["message", "delta", "final", "error", "typing"]
@@ -204,6 +164,12 @@ class Capabilities:
     can_edit: bool = False
     native_drafts: bool = False
     typing: bool = False
+    # Its clients read the event bus (HTTP API, widget): its sink needs no deltas, and the
+    # stored answer is its delivery (a NullSink).
+    event_bus_delivery: bool = False
+    # The shop authenticates every caller server to server (HTTP API): a contact is who
+    # the caller says it is, so order tools may serve it.
+    verified_callers: bool = False
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from channels.base import ChannelHost, ConversationEvent, Subscription
+from channels.base import ChannelHost, ConversationEvent, Subscription, message_event
 from channels.stream_cursor import StreamCursor
 
 REPLAY_PAGE = 500
@@ -38,7 +38,7 @@ async def open_stream(host: ChannelHost, conversation_id: int, cursor: StreamCur
     except BaseException:
         sub.close()
         raise
-    return Opened(sub, [m.event() for m in past], len(past) >= REPLAY_PAGE)
+    return Opened(sub, [message_event(m) for m in past], len(past) >= REPLAY_PAGE)
 
 
 async def follow(
@@ -67,7 +67,7 @@ async def follow(
             page = await host.list_messages(
                 conversation_id, after_seq=past[-1].seq, limit=REPLAY_PAGE, complete_only=True
             )
-            past, more = [m.event() for m in page], len(page) >= REPLAY_PAGE
+            past, more = [message_event(m) for m in page], len(page) >= REPLAY_PAGE
         live = host.events.inflight(conversation_id)
         if live is not None:
             seq, deltas = live

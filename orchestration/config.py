@@ -6,17 +6,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from config_section import ConfigSection
 
 SIMULATOR_PROVIDER = "simulator"
 
 
-class _Section(BaseModel):
-    # A typo in a key must be an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSettings(_Section):
+class ModelSettings(ConfigSection):
     name: str
     input_price_per_mtok: float = Field(0.0, ge=0, description="price per 1M input tokens")
     output_price_per_mtok: float = Field(0.0, ge=0, description="price per 1M output tokens")
@@ -25,7 +22,7 @@ class ModelSettings(_Section):
     tpm: int | None = Field(None, gt=0, description="tokens per minute allowed by the provider")
 
 
-class ProviderSettings(_Section):
+class ProviderSettings(ConfigSection):
     name: str
     base_url: str
     api_key_env: str | None = Field(
@@ -49,7 +46,7 @@ class ProviderSettings(_Section):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
-class SimulatorSettings(_Section):
+class SimulatorSettings(ConfigSection):
     """The built-in model simulator, used when no provider has a key."""
 
     first_token_ms: float = Field(300.0, ge=0)
@@ -59,7 +56,7 @@ class SimulatorSettings(_Section):
     price_output_per_mtok: float = 0.0
 
 
-class ReplySettings(_Section):
+class ReplySettings(ConfigSection):
     system_prompt: str = (
         "You are the customer-service assistant of an online shop. Answer briefly, kindly and "
         "in the shopper's language. If you cannot help, offer to bring in a human colleague."
@@ -89,7 +86,7 @@ class ReplySettings(_Section):
     )
 
 
-class ResilienceSettings(_Section):
+class ResilienceSettings(ConfigSection):
     """How a failing or slow model is handled (DESIGN.md, Orchestration)."""
 
     retries: int = Field(1, ge=0, le=5, description="retries of one model before the next")
@@ -113,7 +110,7 @@ class ResilienceSettings(_Section):
     )
 
 
-class BudgetSettings(_Section):
+class BudgetSettings(ConfigSection):
     """Money limits, in the currency of the price table. null: no limit."""
 
     per_conversation: float | None = Field(None, gt=0)
@@ -127,7 +124,7 @@ class BudgetSettings(_Section):
     exhausted_text_zh: str | None = "感谢您的耐心等待！人工客服将很快接手为您服务。"
 
 
-class ToolSettings(_Section):
+class ToolSettings(ConfigSection):
     """An OpenAI function tool backed by an HTTP endpoint of the shop's backend."""
 
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
@@ -146,7 +143,7 @@ class ToolSettings(_Section):
     )
 
 
-class SpecialistSettings(_Section):
+class SpecialistSettings(ConfigSection):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     intents: list[str] = Field(min_length=1)
     system_prompt: str

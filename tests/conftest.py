@@ -13,7 +13,8 @@ import pytest
 
 from bot import logging as logs
 from bot.settings import Settings
-from orchestration.llm.simulator import Simulator, SimulatorConfig
+from simulator.config import SimulatorConfig
+from simulator.server import Simulator
 from tests.support import API_KEY, RunningService, start_service
 
 PG_ADMIN_DSN = os.environ.get("SWARMDESK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")

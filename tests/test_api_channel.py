@@ -58,7 +58,7 @@ async def test_message_streams_answer_that_matches_stored_one(service: RunningSe
     assert stored["seq"] == final.data["seq"] == deltas[0].data["seq"]
 
     # The attempt is in the ledger with its tokens and cost.
-    async with service.services.pipeline.sessions() as s:
+    async with service.services.sessions() as s:
         calls = list((await s.execute(select(LLMCall))).scalars())
     assert len(calls) == 1
     call = calls[0]
@@ -298,7 +298,7 @@ async def test_tokens_close_together_reach_the_stream_together(
         events = await asyncio.wait_for(
             collect_answer(svc, body["conversation_id"], after=body["seq"] - 1), 30
         )
-        async with svc.services.pipeline.sessions() as s:
+        async with svc.services.sessions() as s:
             (call,) = list((await s.execute(select(LLMCall))).scalars())
     finally:
         await svc.stop()

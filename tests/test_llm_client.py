@@ -15,18 +15,16 @@ import pytest
 from aiohttp import web
 
 from orchestration.llm.client import ProviderClient
-from orchestration.llm.simulator import (
-    Simulator,
-    SimulatorConfig,
-    parse_directives,
-    reply_tokens,
-)
 from orchestration.llm.tokens import (
     estimate_messages_tokens,
     estimate_tokens,
     trim_history,
 )
 from orchestration.llm.types import ChatMessage, ErrorKind, LLMError
+from simulator.config import SimulatorConfig
+from simulator.faults import parse_directives
+from simulator.server import Simulator
+from simulator.text import reply_tokens
 
 QUESTION = "Where is my order #1234? It was supposed to arrive yesterday."
 MESSAGES = [

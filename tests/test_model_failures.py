@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select, update
 
 from bot.settings import Settings
-from orchestration.llm.simulator import Simulator
+from simulator.server import Simulator
 from storage.models import Conversation, HandoffEvent, LLMCall
 from tests.support import RunningService, eventually, sse_events, start_service
 
@@ -58,7 +58,7 @@ async def ask(svc: RunningService, text: str) -> tuple[int, int, list[str], dict
 
 async def ledger(svc: RunningService) -> list[tuple[str, str]]:
     """The attempts of each turn's first answer round (no classification, no tool rounds)."""
-    async with svc.services.pipeline.sessions() as s:
+    async with svc.services.sessions() as s:
         rows = (await s.execute(select(LLMCall).order_by(LLMCall.id))).scalars()
         return [(c.model, c.outcome) for c in rows if c.purpose == "reply"]
 
@@ -114,7 +114,7 @@ async def test_when_every_model_fails_the_shopper_is_told_and_twice_means_a_pers
     assert await ledger(svc) == [("sim-a", "server_error"), ("sim-b", "server_error")]
 
     async def owner() -> str:
-        async with svc.services.pipeline.sessions() as s:
+        async with svc.services.sessions() as s:
             conv = await s.get(Conversation, cid)
             assert conv is not None
             return conv.owner
@@ -123,7 +123,7 @@ async def test_when_every_model_fails_the_shopper_is_told_and_twice_means_a_pers
     r = await svc.post(contact_id="pat", conversation_id=cid, text=text)
     await eventually(lambda: svc.answered(cid, r.json()["message_id"]))
     assert await owner() == "handoff_requested"
-    async with svc.services.pipeline.sessions() as s:
+    async with svc.services.sessions() as s:
         events = list((await s.execute(select(HandoffEvent))).scalars())
     assert [(e.from_owner, e.to_owner, e.reason) for e in events] == [
         ("bot", "handoff_requested", "fallback_twice")
@@ -145,7 +145,7 @@ async def test_bot_stays_silent_while_a_human_owns_the_conversation(
     r = await svc.post(contact_id="quinn", text="first")
     cid = r.json()["conversation_id"]
     await eventually(lambda: svc.answered(cid, r.json()["message_id"]))
-    async with svc.services.pipeline.sessions() as s, s.begin():
+    async with svc.services.sessions() as s, s.begin():
         await s.execute(update(Conversation).where(Conversation.id == cid).values(owner="human"))
     r2 = await svc.post(contact_id="quinn", conversation_id=cid, text="are you a person?")
     mid2 = r2.json()["message_id"]

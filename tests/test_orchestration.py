@@ -13,7 +13,8 @@ from sqlalchemy import select
 
 from bot.costs import report, table
 from bot.settings import Settings
-from orchestration.llm.simulator import Simulator, SimulatorConfig
+from simulator.config import SimulatorConfig
+from simulator.server import Simulator
 from storage.models import Conversation, HandoffEvent, LLMCall, Message
 from tests.support import RunningService, sse_events, start_service
 
@@ -68,13 +69,13 @@ async def _read_answer(
 
 
 async def calls_for(svc: RunningService, message_id: int) -> list[LLMCall]:
-    async with svc.services.pipeline.sessions() as s:
+    async with svc.services.sessions() as s:
         q = select(LLMCall).where(LLMCall.message_id == message_id).order_by(LLMCall.id)
         return list((await s.execute(q)).scalars())
 
 
 async def inbound(svc: RunningService, message_id: int) -> Message:
-    async with svc.services.pipeline.sessions() as s:
+    async with svc.services.sessions() as s:
         m = await s.get(Message, message_id)
         assert m is not None
         return m
@@ -242,7 +243,7 @@ async def test_breaker_opens_on_failures_and_recovers(
         simulator.queue_fault("500", count=2)
         for text in ("hi", "hello"):
             await asyncio.wait_for(ask(svc, text), 30)
-        guard = svc.services.pipeline.orchestrator.runner.guards.get("sim/sim-a")
+        guard = svc.services.orchestrator.runner.guards.get("sim/sim-a")
         assert guard.breaker.state == "open"
         # While open, sim-a is not even tried.
         _, mid, _, _ = await asyncio.wait_for(ask(svc, "hey"), 30)
@@ -294,12 +295,12 @@ async def test_spent_budget_degrades_then_hands_off(
         assert (r2["budget"], r2["tier"]) == ("degrade", "cheap")
         assert {c.tier for c in await calls_for(svc, mid2)} == {"cheap"}
         # Spent: a template, no model call, and a person is called.
-        svc.services.pipeline.orchestrator.budgets.settings.per_conversation = 1e-9
+        svc.services.orchestrator.budgets.settings.per_conversation = 1e-9
         _, mid3, shown, final = await asyncio.wait_for(ask(svc, "hello?", conversation_id=cid), 30)
         assert ((await inbound(svc, mid3)).routing or {})["budget"] == "exhausted"
         assert shown == final["text"] == svc.services.settings.budgets.exhausted_text
         assert await calls_for(svc, mid3) == []
-        async with svc.services.pipeline.sessions() as s:
+        async with svc.services.sessions() as s:
             conv = await s.get(Conversation, cid)
             reasons = [e.reason for e in (await s.execute(select(HandoffEvent))).scalars()]
         assert conv is not None and conv.owner == "handoff_requested"
@@ -313,7 +314,7 @@ async def test_asking_for_a_person_hands_off_with_a_card(svc: RunningService) ->
         ask(svc, "I want to talk to a real person about ORD-1004 please"), 30
     )
     assert final["text"]
-    async with svc.services.pipeline.sessions() as s:
+    async with svc.services.sessions() as s:
         conv = await s.get(Conversation, cid)
         events = list((await s.execute(select(HandoffEvent))).scalars())
     assert conv is not None and conv.owner == "handoff_requested"

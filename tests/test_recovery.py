@@ -15,7 +15,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from orchestration.llm.simulator import Simulator
+from simulator.server import Simulator
 from storage.db import create_engine, session_factory
 from storage.models import Message
 from tests.support import API_KEY, eventually, sse_events

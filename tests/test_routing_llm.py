@@ -9,10 +9,10 @@ import pytest
 
 from orchestration.llm.client import ProviderClient
 from orchestration.llm.registry import ModelEntry, ModelRegistry
-from orchestration.llm.simulator import Simulator
 from orchestration.llm.types import ModelPrice
 from orchestration.routing import Router, RoutingSettings, parse_verdict, registry_classifier
-from tests.fakes.json_model import JsonModel
+from simulator.fakes.json_model import JsonModel
+from simulator.server import Simulator
 
 VAGUE = "hmm so about that thing"  # nothing the local stages can be sure of
 LABELS = ("logistics", "refund", "complaint", "other")

@@ -17,8 +17,9 @@ from aiohttp import web
 
 from bot.demo_shop import build_demo_shop_app
 from orchestration.llm.client import ProviderClient
-from orchestration.llm.simulator import Simulator, SimulatorConfig
 from orchestration.llm.types import ChatMessage, ErrorKind, LLMError, ToolCall
+from simulator.config import SimulatorConfig
+from simulator.server import Simulator
 from tests.demo_tools import call_tool, openai_tools
 
 SYSTEM = ChatMessage("system", "You are the shop's assistant. Use the tools.")

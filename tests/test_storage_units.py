@@ -1,7 +1,8 @@
-"""The unit-of-work executor (storage/executor.py) and the message statements (storage/turns.py):
-one writer and read-only readers for SQLite, the async pool for PostgreSQL, and the rules the
-pipeline relies on (a failed unit leaves nothing behind, seqs stay contiguous under
-concurrent writers and readers, a redelivery hits the unique key)."""
+"""The unit-of-work executor (storage/executor.py) and the message statements
+(storage/inbound.py, answers.py, reads.py): one writer and read-only readers for SQLite, the
+async pool for PostgreSQL, and the rules the pipeline relies on (a failed unit leaves nothing
+behind, seqs stay contiguous under concurrent writers and readers, a redelivery hits the
+unique key)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from storage import db, executor
-from storage import turns as store
+from storage import answers, db, executor, inbound, reads, statements
 from storage.models import Direction, MessageStatus, Sender
+from storage.rows import NewMessage, StoredMessage
 
 
 @pytest.fixture(params=["threads", "async-engine"])
@@ -37,12 +38,12 @@ async def units(db_url: str, request: pytest.FixtureRequest) -> AsyncIterator[ex
     await engine.dispose()
 
 
-def _target(contact: str, conversation_id: int | None = None) -> store.InboundTarget:
-    return store.InboundTarget("api", "default", contact, contact, None, conversation_id, None)
+def _target(contact: str, conversation_id: int | None = None) -> inbound.InboundTarget:
+    return inbound.InboundTarget("api", "default", contact, contact, None, conversation_id, None)
 
 
-def _inbound(text: str, external_id: str | None = None) -> store.NewMessage:
-    return store.NewMessage(
+def _inbound(text: str, external_id: str | None = None) -> NewMessage:
+    return NewMessage(
         Direction.IN.value,
         Sender.CONTACT.value,
         MessageStatus.RECEIVED.value,
@@ -53,9 +54,9 @@ def _inbound(text: str, external_id: str | None = None) -> store.NewMessage:
 
 async def _post(
     units: executor.Database, contact: str, text: str, conversation_id: int | None = None
-) -> store.StoredRow:
+) -> StoredMessage:
     row, _, _ = await units.write(
-        partial(store.store_inbound, target=_target(contact, conversation_id), m=_inbound(text))
+        partial(inbound.store_inbound, target=_target(contact, conversation_id), m=_inbound(text))
     )
     return row
 
@@ -68,12 +69,12 @@ async def test_sqlite_runs_units_on_a_writer_and_readers(sqlite_url: str) -> Non
         assert isinstance(database, executor.SqliteThreads)
         row = await _post(database, "ann", "hello")
         # Readers see what the writer committed, and cannot write themselves.
-        got = await database.read(partial(store.get_message, message_id=row.id))
+        got = await database.read(partial(reads.get_message, message_id=row.id))
         assert got is not None and got.text == "hello"
         with pytest.raises(OperationalError, match="readonly"):
             await database.read(
                 lambda conn: conn.execute(
-                    insert(store.MESSAGES).values(
+                    insert(statements.MESSAGES).values(
                         conversation_id=row.conversation_id,
                         seq=99,
                         channel="api",
@@ -93,13 +94,13 @@ async def test_a_failed_unit_leaves_nothing_behind(units: executor.Database) -> 
     first = await _post(units, "bo", "one")
 
     def half_done(conn: Connection) -> None:
-        store.store_inbound(conn, _target("bo", first.conversation_id), _inbound("two"))
+        inbound.store_inbound(conn, _target("bo", first.conversation_id), _inbound("two"))
         raise RuntimeError("the unit fails after its first write")
 
     with pytest.raises(RuntimeError):
         await units.write(half_done)
     rows = await units.read(
-        partial(store.list_messages, conversation_id=first.conversation_id, limit=10)
+        partial(reads.list_messages, conversation_id=first.conversation_id, limit=10)
     )
     assert [r.text for r in rows] == ["one"]
     # The seq it had taken was rolled back with it: the next message follows without a gap.
@@ -109,14 +110,16 @@ async def test_a_failed_unit_leaves_nothing_behind(units: executor.Database) -> 
 
 async def test_a_redelivered_external_id_hits_the_unique_key(units: executor.Database) -> None:
     row, _, _ = await units.write(
-        partial(store.store_inbound, target=_target("cy"), m=_inbound("hi", external_id="m-1"))
+        partial(inbound.store_inbound, target=_target("cy"), m=_inbound("hi", external_id="m-1"))
     )
     with pytest.raises(IntegrityError):
         await units.write(
-            partial(store.store_inbound, target=_target("cy"), m=_inbound("hi", external_id="m-1"))
+            partial(
+                inbound.store_inbound, target=_target("cy"), m=_inbound("hi", external_id="m-1")
+            )
         )
     dup = await units.read(
-        partial(store.find_by_external_id, channel="api", account="default", external_id="m-1")
+        partial(inbound.find_by_external_id, channel="api", account="default", external_id="m-1")
     )
     assert dup is not None and (dup.message_id, dup.seq) == (row.id, row.seq)
 
@@ -129,17 +132,17 @@ async def test_concurrent_writers_and_readers_keep_every_message_in_order(
     contacts = [f"shopper-{i}" for i in range(12)]
     firsts = {c: await _post(units, c, "0") for c in contacts}
     stop = asyncio.Event()
-    reads = 0
+    done_reads = 0
 
     async def reader(contact: str) -> None:
-        nonlocal reads
+        nonlocal done_reads
         cid = firsts[contact].conversation_id
         while not stop.is_set():
-            rows = await units.read(partial(store.list_messages, conversation_id=cid, limit=200))
+            rows = await units.read(partial(reads.list_messages, conversation_id=cid, limit=200))
             seqs = [r.seq for r in rows]
             assert seqs == list(range(1, len(seqs) + 1)), "a reader saw a gap"
-            await units.read(partial(store.resume_point, conversation_id=cid))
-            reads += 1
+            await units.read(partial(reads.resume_point, conversation_id=cid))
+            done_reads += 1
 
     async def writer(contact: str) -> None:
         cid = firsts[contact].conversation_id
@@ -150,10 +153,10 @@ async def test_concurrent_writers_and_readers_keep_every_message_in_order(
     await asyncio.gather(*(writer(c) for c in contacts))
     stop.set()
     await asyncio.gather(*readers)
-    assert reads > 0
+    assert done_reads > 0
     for contact in contacts:
         cid = firsts[contact].conversation_id
-        rows = await units.read(partial(store.list_messages, conversation_id=cid, limit=200))
+        rows = await units.read(partial(reads.list_messages, conversation_id=cid, limit=200))
         assert [r.text for r in rows] == [str(n) for n in range(25)]
         assert [r.seq for r in rows] == list(range(1, 26))
 
@@ -164,7 +167,7 @@ async def test_an_answer_is_reserved_only_while_the_bot_owns_the_conversation(
     q = await _post(units, "di", "where is my order?")
     begun = await units.write(
         partial(
-            store.begin_answer,
+            answers.begin_answer,
             conversation_id=q.conversation_id,
             message_id=q.id,
             history_limit=40,
@@ -172,22 +175,22 @@ async def test_an_answer_is_reserved_only_while_the_bot_owns_the_conversation(
             with_inbound=True,
         )
     )
-    assert isinstance(begun, store.Answering)
+    assert isinstance(begun, answers.Answering)
     assert begun.seq == q.seq + 1 and begun.question.text == "where is my order?"
     assert begun.inbound is not None and begun.inbound.id == q.id
     # A person takes the conversation over while the bot writes: the answer is stored as
     # abandoned and the question as theirs.
     await units.write(
         lambda conn: conn.execute(
-            store.CONVERSATIONS.update()
-            .where(store.CONVERSATIONS.c.id == q.conversation_id)
+            statements.CONVERSATIONS.update()
+            .where(statements.CONVERSATIONS.c.id == q.conversation_id)
             .values(owner="human")
         )
     )
     final = await units.write(
         partial(
-            store.finish_answer,
-            a=store.FinalAnswer(
+            answers.finish_answer,
+            a=answers.FinalAnswer(
                 conversation_id=q.conversation_id,
                 inbound_id=q.id,
                 out_id=begun.out_id,
@@ -208,8 +211,8 @@ async def test_an_answer_is_reserved_only_while_the_bot_owns_the_conversation(
     statuses = await units.read(
         lambda conn: dict(
             conn.execute(
-                select(store.MESSAGES.c.id, store.MESSAGES.c.status).where(
-                    store.MESSAGES.c.conversation_id == q.conversation_id
+                select(statements.MESSAGES.c.id, statements.MESSAGES.c.status).where(
+                    statements.MESSAGES.c.conversation_id == q.conversation_id
                 )
             ).all()
         )
@@ -219,7 +222,7 @@ async def test_an_answer_is_reserved_only_while_the_bot_owns_the_conversation(
     q2 = await _post(units, "di", "hello?", q.conversation_id)
     again = await units.write(
         partial(
-            store.begin_answer,
+            answers.begin_answer,
             conversation_id=q.conversation_id,
             message_id=q2.id,
             history_limit=40,
@@ -227,18 +230,18 @@ async def test_an_answer_is_reserved_only_while_the_bot_owns_the_conversation(
             with_inbound=False,
         )
     )
-    assert again == store.NotAnswering(human_channel="api")
+    assert again == answers.NotAnswering(human_channel="api")
 
 
 async def test_an_idle_conversation_gets_the_answer_reserved_with_the_message(
     units: executor.Database,
 ) -> None:
-    prepare = store.Prepare(40, frozenset({"api"}))
+    prepare = inbound.Prepare(40, frozenset({"api"}))
 
-    async def post(text: str, cid: int | None) -> tuple[store.StoredRow, store.Answering | None]:
+    async def post(text: str, cid: int | None) -> tuple[StoredMessage, answers.Answering | None]:
         row, _, answering = await units.write(
             partial(
-                store.store_inbound, target=_target("ed", cid), m=_inbound(text), prepare=prepare
+                inbound.store_inbound, target=_target("ed", cid), m=_inbound(text), prepare=prepare
             )
         )
         return row, answering
@@ -250,13 +253,13 @@ async def test_an_idle_conversation_gets_the_answer_reserved_with_the_message(
     # history it loads is too short to show the open one).
     second, none = await post("and another thing", first.conversation_id)
     assert none is None and second.seq == first.seq + 2
-    prepare = store.Prepare(1, frozenset({"api"}))
+    prepare = inbound.Prepare(1, frozenset({"api"}))
     third, none = await post("hello?", first.conversation_id)
     assert none is None and third.seq == second.seq + 1
     # The worker asking for the reserved answer gets the same one, not a second.
     again = await units.write(
         partial(
-            store.begin_answer,
+            answers.begin_answer,
             conversation_id=first.conversation_id,
             message_id=first.id,
             history_limit=40,
@@ -264,10 +267,10 @@ async def test_an_idle_conversation_gets_the_answer_reserved_with_the_message(
             with_inbound=False,
         )
     )
-    assert isinstance(again, store.Answering)
+    assert isinstance(again, answers.Answering)
     assert (again.out_id, again.seq) == (answering.out_id, answering.seq)
     rows = await units.read(
-        partial(store.list_messages, conversation_id=first.conversation_id, limit=10)
+        partial(reads.list_messages, conversation_id=first.conversation_id, limit=10)
     )
     assert [(r.seq, r.direction, r.status) for r in rows] == [
         (1, "in", "received"),
@@ -295,7 +298,7 @@ async def test_sqlite_writer_puts_urgent_units_first_and_commits_waiting_ones_to
         def unit(name: str, text: str) -> Callable[[Connection], int]:
             def run(conn: Connection) -> int:
                 order.append(name)
-                row, _, _ = store.store_inbound(conn, _target("fay", cid), _inbound(text, name))
+                row, _, _ = inbound.store_inbound(conn, _target("fay", cid), _inbound(text, name))
                 return row.seq
 
             return run
@@ -314,7 +317,7 @@ async def test_sqlite_writer_puts_urgent_units_first_and_commits_waiting_ones_to
             await dup
         assert await urgent == 2  # ahead of the three queued before it
         assert order[0] == "u" and seqs == [3, 4, 5]
-        rows = await database.read(partial(store.list_messages, conversation_id=cid, limit=10))
+        rows = await database.read(partial(reads.list_messages, conversation_id=cid, limit=10))
         assert [r.text for r in rows] == ["0", "urgent", "0", "1", "2"]
     finally:
         await database.close()

@@ -1,5 +1,5 @@
 """The Telegram channel end to end: Updates posted to the webhook, answered through the real
-aiogram client against the fake Bot API server (tests/fakes/telegram_api.py)."""
+aiogram client against the fake Bot API server (simulator/fakes/telegram_api.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from sqlalchemy import select
 
 from bot.settings import Settings
 from channels.telegram.text import utf16_len
+from simulator.fakes.telegram_api import FakeBotApi, StoredMessage, UpdateFactory
 from storage.models import Conversation, Message
-from tests.fakes.telegram_api import FakeBotApi, StoredMessage, UpdateFactory
 from tests.support import RunningService, eventually, start_service
 
 TOKEN = "123456:TEST-token_abc"
@@ -43,7 +43,7 @@ class Tg:
 
     async def stored(self, chat_id: int) -> list[Message]:
         """Every stored message of this chat (all its conversations), in order."""
-        async with self.svc.services.pipeline.sessions() as s:
+        async with self.svc.services.sessions() as s:
             rows = await s.execute(
                 select(Message)
                 .join(Conversation, Conversation.id == Message.conversation_id)
@@ -53,7 +53,7 @@ class Tg:
             return list(rows.scalars())
 
     async def conversation(self, chat_id: int) -> Conversation:
-        async with self.svc.services.pipeline.sessions() as s:
+        async with self.svc.services.sessions() as s:
             rows = await s.execute(select(Conversation).where(Conversation.chat_id == str(chat_id)))
             return rows.scalars().one()
 
@@ -455,7 +455,7 @@ async def test_agent_message_is_formatted_escaped_and_split(tg: Tg) -> None:
     await tg.visible(chat)
     conv = await tg.conversation(chat)
     text = "Your order **#12 <A&B>** ships *today*.\n\n" + ("More details follow. " * 250)
-    msg = await tg.svc.services.pipeline.send_message(conv.id, text, sender="agent")
+    msg = await tg.svc.services.host.send_message(conv.id, text, sender="agent")
     assert msg.status == "sent"
     shown = (await tg.visible(chat, 3))[1:]
     assert len(shown) == 2 and all(utf16_len(m.text) <= 4096 for m in shown)

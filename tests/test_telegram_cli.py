@@ -15,7 +15,7 @@ from bot.settings import load_settings
 from channels.telegram import build
 from channels.telegram.channel import TelegramConfigError
 from channels.telegram.config import TelegramSettings
-from tests.fakes.telegram_api import FakeBotApi
+from simulator.fakes.telegram_api import FakeBotApi
 
 TOKEN = "123456:TEST-token_abc"
 SECRET = "cli-secret"

@@ -7,7 +7,7 @@ from typing import Any
 from aiogram.types import Update
 
 from channels.telegram.inbound import Incoming, classify, user_of
-from tests.fakes.telegram_api import UpdateFactory
+from simulator.fakes.telegram_api import UpdateFactory
 
 BOT_ID, USERNAME = 123456, "shop_test_bot"
 updates = UpdateFactory(BOT_ID, USERNAME)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from channels.telegram.text import plain, render, split_text, utf16_len
-from tests.fakes.telegram_api import BadRequest, visible
+from simulator.fakes.telegram_api import BadRequest, visible
 
 TRICKY = [
     "Plain answer. Nothing to format!",

@@ -14,8 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from bot.settings import Settings
-from storage.models import Conversation, Message
-from tests.fakes.wechat_api import (
+from simulator.fakes.wechat_api import (
     DOC_AES_KEY,
     DOC_APPID,
     DOC_BODY,
@@ -32,6 +31,7 @@ from tests.fakes.wechat_api import (
     sha1_sign,
     text_xml,
 )
+from storage.models import Conversation, Message
 from tests.support import RunningService, eventually, start_service
 
 SECRET = "app-secret"
@@ -53,7 +53,7 @@ class Wx:
     compat: OfficialAccountClient  # compatible mode: plaintext and encrypted both accepted
 
     async def inbound(self, external_id: str) -> Message | None:
-        async with self.svc.services.pipeline.sessions() as s:
+        async with self.svc.services.sessions() as s:
             q = select(Message).where(Message.external_id == external_id)
             return (await s.execute(q)).scalar_one_or_none()
 
@@ -61,7 +61,7 @@ class Wx:
         m = await self.inbound(external_id)
         if m is None:
             return []
-        async with self.svc.services.pipeline.sessions() as s:
+        async with self.svc.services.sessions() as s:
             q = select(Message).where(Message.reply_to_id == m.id).order_by(Message.seq)
             return list((await s.execute(q)).scalars())
 
@@ -79,13 +79,13 @@ class Wx:
     async def conversation(self, external_id: str) -> Conversation:
         m = await self.inbound(external_id)
         assert m is not None
-        async with self.svc.services.pipeline.sessions() as s:
+        async with self.svc.services.sessions() as s:
             conv = await s.get(Conversation, m.conversation_id)
             assert conv is not None
             return conv
 
     async def message_count(self) -> int:
-        async with self.svc.services.pipeline.sessions() as s:
+        async with self.svc.services.sessions() as s:
             return int(await s.scalar(select(func.count()).select_from(Message)) or 0)
 
 
@@ -378,7 +378,7 @@ async def test_subscribe_gets_the_welcome_text_once(wx: Wx) -> None:
     again = await wx.shop.post_xml(xml)  # WeChat's retry of the same event
     assert again.text == "success"
     conv = await eventually(lambda: _conversation_of(wx, user))
-    rows = await wx.svc.services.pipeline.list_messages(conv)
+    rows = await wx.svc.services.host.list_messages(conv)
     assert [(m.sender, m.text) for m in rows if m.direction == "out"] == [("system", WELCOME)]
     assert [m.kind for m in rows if m.direction == "in"] == ["event:subscribe"]
     unsub = await wx.shop.post_xml(message_xml(user, {"MsgType": "event", "Event": "unsubscribe"}))
@@ -386,7 +386,7 @@ async def test_subscribe_gets_the_welcome_text_once(wx: Wx) -> None:
 
 
 async def _conversation_of(wx: Wx, user: str) -> int | None:
-    async with wx.svc.services.pipeline.sessions() as s:
+    async with wx.svc.services.sessions() as s:
         q = select(Conversation.id).where(Conversation.chat_id == user)
         return (await s.execute(q)).scalar_one_or_none()
 
@@ -438,7 +438,7 @@ async def test_voice_menu_and_media_messages(wx: Wx) -> None:
         assert r.text == "success"  # recorded, nothing to answer
     conv = await _conversation_of(wx, user)
     assert conv is not None
-    kinds = [m.kind for m in await wx.svc.services.pipeline.list_messages(conv)]
+    kinds = [m.kind for m in await wx.svc.services.host.list_messages(conv)]
     assert "event:view" in kinds and "event:scan" in kinds
 
 
@@ -454,7 +454,7 @@ async def test_an_expired_token_is_refreshed_and_the_send_retried_once(wx: Wx) -
     conv = (await wx.conversation(msg_id)).id
 
     wx.api.expire_tokens()  # two hours pass
-    sent = await wx.svc.services.pipeline.send_message(conv, "您好，我是客服小王。", sender="agent")
+    sent = await wx.svc.services.host.send_message(conv, "您好，我是客服小王。", sender="agent")
     assert sent.status == "sent"
     assert wx.api.texts(user)[-1] == "您好，我是客服小王。"
     assert wx.api.errors == [("custom_send", 42001)]  # refused once, then retried once
@@ -467,7 +467,7 @@ async def test_a_piece_wechat_calls_too_long_is_split_and_sent(wx: Wx) -> None:
     conv = (await wx.settled_answer(msg_id)).conversation_id
     text = "您好，我是客服小王，您的退款申请已经提交，预计三个工作日内原路退回，请留意账户变动。"
     wx.api.fail_next.append(45002)  # WeChat counts differently than we do, once
-    sent = await wx.svc.services.pipeline.send_message(conv, text, sender="agent")
+    sent = await wx.svc.services.host.send_message(conv, text, sender="agent")
     assert sent.status == "sent"
     assert ("custom_send", 45002) in wx.api.errors
     tail = wx.api.texts(user)[-2:]

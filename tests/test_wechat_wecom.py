@@ -13,8 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from bot.settings import Settings
-from storage.models import Conversation, Message
-from tests.fakes.wechat_api import (
+from simulator.fakes.wechat_api import (
     DOC_AES_KEY,
     DOC_APPID,
     DOC_BODY,
@@ -34,6 +33,7 @@ from tests.fakes.wechat_api import (
     WecomAppClient,
     WecomBotClient,
 )
+from storage.models import Conversation, Message
 from tests.support import RunningService, eventually, start_service
 
 SECRET = "corp-secret"
@@ -54,7 +54,7 @@ class Wc:
     hurry: WecomBotClient  # stream_ttl 1 s: slow answers outlive their stream
 
     async def inbound(self, external_id: str) -> Message | None:
-        async with self.svc.services.pipeline.sessions() as s:
+        async with self.svc.services.sessions() as s:
             q = select(Message).where(Message.external_id == external_id)
             return (await s.execute(q)).scalar_one_or_none()
 
@@ -63,7 +63,7 @@ class Wc:
             m = await self.inbound(external_id)
             if m is None:
                 return None
-            async with self.svc.services.pipeline.sessions() as s:
+            async with self.svc.services.sessions() as s:
                 q = select(Message).where(Message.reply_to_id == m.id)
                 for a in (await s.execute(q)).scalars():
                     if a.status in ("sent", "failed", "undeliverable"):
@@ -73,7 +73,7 @@ class Wc:
         return await eventually(probe, timeout=30)
 
     async def message_count(self) -> int:
-        async with self.svc.services.pipeline.sessions() as s:
+        async with self.svc.services.sessions() as s:
             return int(await s.scalar(select(func.count()).select_from(Message)) or 0)
 
 
@@ -177,7 +177,7 @@ async def test_app_long_answer_and_agent_messages_respect_the_byte_limit(wc: Wc)
     assert "".join(pieces) == answer.text
 
     conv = answer.conversation_id
-    sent = await wc.svc.services.pipeline.send_message(
+    sent = await wc.svc.services.host.send_message(
         conv, "我是人工客服，已为您登记。", sender="agent"
     )
     assert sent.status == "sent"
@@ -185,7 +185,7 @@ async def test_app_long_answer_and_agent_messages_respect_the_byte_limit(wc: Wc)
 
 
 async def _latest_inbound(wc: Wc, member: str) -> str | None:
-    async with wc.svc.services.pipeline.sessions() as s:
+    async with wc.svc.services.sessions() as s:
         q = select(Message.external_id).where(Message.direction == "in")
         q = q.join(Conversation, Conversation.id == Message.conversation_id)
         q = q.where(Conversation.chat_id == member).order_by(Message.id.desc())
@@ -259,7 +259,7 @@ async def test_bot_group_message_and_welcome(wc: Wc) -> None:
     await wc.bot.poll_until_finished(first["stream"]["id"])
     inbound = await wc.inbound(payload["msgid"])
     assert inbound is not None and inbound.text == "这款耳机适合跑步吗？"
-    async with wc.svc.services.pipeline.sessions() as s:
+    async with wc.svc.services.sessions() as s:
         conv = await s.get(Conversation, inbound.conversation_id)
     assert conv is not None and conv.chat_id == "grp-42"
 

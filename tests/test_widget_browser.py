@@ -18,7 +18,7 @@ from playwright.async_api import TimeoutError as PlaywrightTimeout
 from sqlalchemy import select
 
 from bot.settings import Settings
-from orchestration.llm.simulator import Simulator
+from simulator.server import Simulator
 from storage.models import Message
 from tests.support import RunningService, eventually, start_service
 from tests.widget_support import (
@@ -105,7 +105,7 @@ async def answers_stored(svc: RunningService, count: int) -> list[str]:
     """Texts of the bot's delivered widget answers, once there are `count`."""
 
     async def probe() -> list[str] | None:
-        async with svc.services.pipeline.sessions() as s:
+        async with svc.services.sessions() as s:
             q = select(Message).where(
                 Message.channel == "widget", Message.direction == "out", Message.status == "sent"
             )
@@ -363,7 +363,7 @@ async def test_phone_layout_chinese_texts_and_agents(
     await ask(page, "我要找人工客服")
     await page.locator(BOT_ROWS).wait_for()
     conv = await page.evaluate("() => window.SwarmDesk._state.conv")
-    await svc.services.pipeline.send_message(conv, "您好，我是客服小美。", sender="agent")
+    await svc.services.host.send_message(conv, "您好，我是客服小美。", sender="agent")
     agent = page.locator(f"{W} .msg.from-agent")
     await agent.wait_for()
     assert await agent.locator(".who").inner_text() == "人工客服"

@@ -63,7 +63,7 @@ async def svc_any_db(
 
 
 async def stored_messages(svc: RunningService, conversation_id: int) -> list[Message]:
-    async with svc.services.pipeline.sessions() as s:
+    async with svc.services.sessions() as s:
         q = select(Message).where(Message.conversation_id == conversation_id)
         return list((await s.execute(q.order_by(Message.seq))).scalars())
 
@@ -274,9 +274,9 @@ async def test_first_frame_must_be_a_valid_hello(svc: RunningService) -> None:
 
 
 async def contact_of(svc: RunningService, conversation_id: int) -> Contact:
-    conv = await svc.services.pipeline.get_conversation(conversation_id)
+    conv = await svc.services.host.get_conversation(conversation_id)
     assert conv is not None
-    async with svc.services.pipeline.sessions() as s:
+    async with svc.services.sessions() as s:
         contact = await s.get(Contact, conv.contact_id)
         assert contact is not None
         return contact
@@ -401,7 +401,7 @@ async def test_agent_and_system_messages_reach_the_page(svc: RunningService) -> 
         await ws.say("I want to speak to someone")
         frames = await ws.until(is_final)
         conv = next(f for f in frames if f["type"] == "ack")["conversation_id"]
-        pipeline = svc.services.pipeline
+        pipeline = svc.services.host
         await pipeline.send_message(conv, "Hi, I'm Mia from the support team.", sender="agent")
         await pipeline.send_message(conv, "Mia joined the conversation.", sender="system")
         agent = await ws.next_of("message")

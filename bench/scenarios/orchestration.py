@@ -4,10 +4,11 @@ Shopper messages (bench/scenarios/shopper_messages.py: logistics 35%, refund 25%
 25%, discount 15%, in English and Chinese, naming the demo shop's orders, parcels, products
 and coupons) go through the HTTP API channel at a fixed rate, open loop, to a service with
 the default specialists and tools, whose two tiers point at the standalone simulator. The
-load generator, the simulator baseline and the process handling are the `api` scenario's;
-what this one adds is reading the service's own record after the run (the temp database:
-routing JSON and tier of every answer, the llm_calls ledger) and, with `--fault-rate`,
-simulator calls that fail, hang, are rate-limited or cut off.
+load generator, the simulator baseline and the service config are the ones the `api`
+scenario runs too (bench/api_load.py, bench/api_service.py); what this one adds is reading
+the service's own record after the run (the temp database: routing JSON and tier of every
+answer, the llm_calls ledger) and, with `--fault-rate`, simulator calls that fail, hang, are
+rate-limited or cut off.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from typing import Any
 import aiohttp
 import yaml
 
-from bench import common, processes
-from bench.scenarios import api
+from bench import api_load, api_service, options, plots, processes, report, result_files, stats
+from bench.http_client import http_client
 from bench.scenarios.shopper_messages import DEFAULT_MIX, ShopperMessages
+from bench.service_config import deep_merge, write_yaml
 from bench.sse import SseEvent
 
 NAME = "orchestration"
@@ -122,12 +124,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="2.0,8.0",
         help="sim-premium input,output price per million tokens",
     )
-    common.add_simulator_arguments(p)
-    common.add_db_arguments(p)
-    p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--baseline-requests", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=10, help="unmeasured messages before the load")
+    options.add_simulator_arguments(p)
+    options.add_db_arguments(p)
+    options.add_open_loop_arguments(p)
     p.add_argument(
         "--drain-timeout",
         type=float,
@@ -147,8 +146,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="YAML merged over the generated service config (e.g. reply: or resilience:)",
     )
-    common.add_output_arguments(p)
-    common.add_workspace_arguments(p, tmp_dir=True)
+    options.add_output_arguments(p)
+    options.add_workspace_arguments(p, tmp_dir=True)
 
 
 # --- parameters ---------------------------------------------------------------------------
@@ -205,7 +204,7 @@ def _stem(args: argparse.Namespace) -> str:
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """What this scenario sets over the `api` scenario's service config: the two simulator
+    """What this scenario sets over the HTTP API service config: the two simulator
     models with their prices and the tier chains; the default specialists, tools and routing
     stay as they are. `--service-config` goes on top."""
     cheap, premium = (
@@ -242,20 +241,20 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         extra = yaml.safe_load(args.service_config.read_text("utf-8")) or {}
         if not isinstance(extra, dict):
             raise SystemExit(f"bench: {args.service_config}: expected a mapping of sections")
-        config = common.deep_merge(config, extra)
+        config = deep_merge(config, extra)
     return config
 
 
 def write_service_config(
     args: argparse.Namespace, path: Path, *, port: int, db_url: str, sim_port: int
 ) -> Path:
-    """The `api` scenario's config (server, database, log, worker) with `overrides`."""
+    """The HTTP API service config (server, database, log, worker) with `overrides`."""
     extra = overrides(args)
     for provider in extra.get("providers", []):
         if isinstance(provider, dict) and "{sim_port}" in str(provider.get("base_url", "")):
             provider["base_url"] = str(provider["base_url"]).format(sim_port=sim_port)
-    extra_path = common.write_yaml(path.parent / "orchestration-overrides.yaml", extra)
-    api.service_config(
+    extra_path = write_yaml(path.parent / "orchestration-overrides.yaml", extra)
+    api_service.service_config(
         path,
         port=port,
         db_url=db_url,
@@ -309,8 +308,8 @@ def service_facts(config: Path, env: Mapping[str, str] | None) -> dict[str, Any]
 # --- the load -------------------------------------------------------------------------------
 
 
-class MixLoad(api.ApiLoad):
-    """The `api` load with shopper visits: a conversation takes `per_conversation` messages
+class MixLoad(api_load.ApiLoad):
+    """The HTTP API load with shopper visits: a conversation takes `per_conversation` messages
     and is then left (its stream closed); one the service handed to a person (its answer
     carries the handoff notice) is left at once. The cap counts open conversations."""
 
@@ -326,33 +325,23 @@ class MixLoad(api.ApiLoad):
         self.handoff_notices = tuple(handoff_notices)
         self.sent_to: Counter[int] = Counter()
 
-    def _pick_conversation(self) -> api.Conv:
-        conv: api.Conv | None = None
-        while self.idle:
-            c = self.idle.popleft()
-            if not c.retired and c.outstanding == 0:
-                conv = c
-                break
-        if conv is None:
-            live = [c for c in self.convs if not c.retired]
-            if self.cap is None or len(live) < self.cap or not live:
-                conv = api.Conv(key=len(self.convs), contact=f"bench-{self.tag}-{len(self.convs)}")
-                self.convs.append(conv)
-            else:
-                self.counters["sent_to_busy_conversation"] += 1
-                conv = min(live, key=lambda c: c.outstanding)
+    def _pick_conversation(self) -> api_load.Conv:
+        conv = super()._pick_conversation()
         self.sent_to[conv.key] += 1
         if self.sent_to[conv.key] >= self.per_conversation:
             conv.retired = True  # the visit ends with this message's answer
         return conv
 
-    def _settle(self, msg: api.Msg) -> None:
+    def _counted(self, live: list[api_load.Conv]) -> int:
+        return len(live)  # a visit that ended frees its place
+
+    def _settle(self, msg: api_load.Msg) -> None:
         super()._settle(msg)
         conv = msg.conv
         if conv is not None and conv.retired and conv.outstanding == 0 and conv.task:
             conv.task.cancel()  # the shopper left: close the stream (may be this very task)
 
-    def _on_event(self, conv: api.Conv, ev: SseEvent, now: float) -> None:
+    def _on_event(self, conv: api_load.Conv, ev: SseEvent, now: float) -> None:
         if ev.event == "final" and self.handoff_notices:
             text = str(json.loads(ev.data).get("text") or "")
             if any(notice in text for notice in self.handoff_notices):
@@ -375,11 +364,11 @@ async def run(args: argparse.Namespace) -> int:
     with processes.Workspace("bench-orch-", parent=args.tmp_dir, keep=args.keep_tmp) as ws:
         sim = ws.simulator(
             [
-                *common.simulator_options(args),
+                *options.simulator_options(args),
                 *("--retry-after", str(args.retry_after), "--seed", str(args.seed)),
             ]
         )
-        svc = ws.service(env={"SWARMDESK_API_KEY": api.API_KEY})
+        svc = ws.service(env={"SWARMDESK_API_KEY": api_service.API_KEY})
         ws.use_ref(args.ref)
         print(f"bench: temp dir {ws.tmp}; service code from {args.ref or 'the working tree'}")
         async with ws.database(args.db, args.pg_admin_dsn) as db_url:
@@ -397,35 +386,34 @@ async def run(args: argparse.Namespace) -> int:
             measured["costs_table"] = swarmdesk_costs(config, svc.env, measured["since"])
         measured.update(ws.service_outcome(svc))
         result = _result(args, measured, messages, facts, fault_rates)
-        files = common.save_results(
+        return result_files.publish(
             args.out,
             stem,
             result,
             lambda png: _plot(result, measured, png),
+            _summary,
             service_log=svc.log_path,
         )
-        print(_summary(result, files))
-        return 0 if result["ok"] else 1
 
 
 async def _measure(
     args: argparse.Namespace,
-    sim: common.ManagedProcess,
-    svc: common.ManagedProcess,
+    sim: processes.ManagedProcess,
+    svc: processes.ManagedProcess,
     config: Path,
     messages: ShopperMessages,
     fault_rates: dict[str, float],
     facts: dict[str, Any],
 ) -> dict[str, Any]:
     # Turns with tools and several specialists take longer between stream events.
-    async with common.http_client(sock_read_s=120) as http:
-        m = await api.before_load(http, args, sim, svc)
+    async with http_client(sock_read_s=120) as http:
+        m = await api_load.before_load(http, args, sim, svc)
         load = MixLoad(
             http,
             svc.url,
             max_conversations=conversation_cap(args),
             seed=args.seed,
-            degraded_texts=api.degraded_texts(config, svc.env),
+            degraded_texts=api_service.degraded_texts(config, svc.env),
             message_text=messages,
             per_conversation=args.messages_per_conversation,
             handoff_notices=facts["handoff_notices"],
@@ -439,7 +427,7 @@ async def _measure(
             f"bench: sending {args.rate:g} msg/s for {args.duration:g} s ({args.arrival}), "
             f"then up to {args.drain_timeout:g} s for the last answers"
         )
-        m = await api.measure_load(http, args, sim, svc, load, m, announce)
+        m = await api_load.measure_load(http, args, sim, svc, load, m, announce)
     m["msgs"] = load.msgs
     return m
 
@@ -565,7 +553,7 @@ def _result(
     fault_rates: dict[str, float],
 ) -> dict[str, Any]:
     load: MixLoad = m["load"]
-    msgs: list[api.Msg] = m["msgs"]
+    msgs: list[api_load.Msg] = m["msgs"]
     db: dict[int, Record] = m["db"]
     times: dict[str, float] = m["times"]
     start, end = times["start"], times["end"]
@@ -667,16 +655,16 @@ def _result(
     n_answered_db = sum(kinds.values()) - kinds["none"]
     good = kinds["model"] + kinds["faq"]
     model_share = _share(good, len(msgs))
-    final_p99 = common.percentile(final_ms, 99)
+    final_p99 = stats.percentile(final_ms, 99)
     over_deadline_client = sum(1 for v in final_ms if v > deadline_s * 1000)
 
-    finals_shifted = api.finals_shifted(answered, start, args.duration)
+    finals_shifted = api_load.finals_shifted(answered, start, args.duration)
     # A backlog shows as answers getting slower over the load: compare its thirds.
     thirds: list[float | None] = []
     for i in range(3):
         lo, hi = start + args.duration * i / 3, start + args.duration * (i + 1) / 3
         part = [v for x in answered if lo <= x.sent < hi and (v := x.ms(x.final)) is not None]
-        thirds.append(round(common.percentile(part, 50), 1) if part else None)
+        thirds.append(round(stats.percentile(part, 50), 1) if part else None)
 
     cpu: dict[str, float] = m["cpu"]
     wall = end - start
@@ -713,7 +701,7 @@ def _result(
             "answers": dict(c["kinds"]),
             "model_calls_per_message": round(c["calls"] / c["sent"], 3) if c["sent"] else None,
             "cost_per_1000_messages": round(c["cost"] / c["sent"] * 1000, 4) if c["sent"] else None,
-            "final_ms_p50": round(common.percentile(c["final_ms"], 50), 1)
+            "final_ms_p50": round(stats.percentile(c["final_ms"], 50), 1)
             if c["final_ms"]
             else None,
         }
@@ -742,7 +730,7 @@ def _result(
         problems.append(f"{counts['not_in_db']} messages not found in the database")
     return {
         "scenario": NAME,
-        "created_at": common.now_iso(),
+        "created_at": result_files.now_iso(),
         "parameters": {
             "rate": args.rate,
             "duration_s": args.duration,
@@ -773,15 +761,15 @@ def _result(
             "tag": args.tag,
             "service_config_overrides": str(args.service_config) if args.service_config else None,
         },
-        "environment": common.environment(),
+        "environment": result_files.environment(),
         "service_code": m["service_code"],
         "rate_sent": round(len(msgs) / args.duration, 2),
         "messages_per_s_answered_shifted": round(finals_shifted / args.duration, 2),
         "latency_ms": {
-            "first_delta": common.summarize(first_ms),
-            "final": common.summarize(final_ms),
-            "service_turn": common.summarize(db_latency),
-            "final_minus_service_turn": common.summarize(before_turn),
+            "first_delta": stats.summarize(first_ms),
+            "final": stats.summarize(final_ms),
+            "service_turn": stats.summarize(db_latency),
+            "final_minus_service_turn": stats.summarize(before_turn),
             "final_p50_by_third_of_load": thirds,
         },
         "turn_deadline": {
@@ -793,7 +781,7 @@ def _result(
             "turns_over_deadline_max_overrun_ms": round(max(over_by), 1) if over_by else None,
         },
         "simulator_baseline_ms": {
-            "first_token": common.summarize(m["baseline"]),
+            "first_token": stats.summarize(m["baseline"]),
             "failures": m["baseline_failures"],
         },
         "answers": {
@@ -855,21 +843,14 @@ def _result(
         "memory_mb": {"service_peak_rss": m["rss"].peak_mb("service")},
         "counts": counts,
         "client": {
-            "send_lag_ms": common.summarize(lag_ms),
+            "send_lag_ms": stats.summarize(lag_ms),
             "drain_s": round(end - times["last_post"], 2),
         },
-        "notes": load.notes,
-        "service_metrics": m["metrics"],
-        "simulator_stats": m["sim_stats"],
-        "service_log": m["service_log"],
-        "service_exit_code": m["service_exit_code"],
-        "ok": not problems,
-        "problems": problems,
-        "warnings": api._warnings(m, wall, lag_ms),
+        **api_load.closing_keys(m, problems, wall, lag_ms),
     }
 
 
-def _example(x: api.Msg, rec: Record, answer: dict[str, Any]) -> dict[str, Any]:
+def _example(x: api_load.Msg, rec: Record, answer: dict[str, Any]) -> dict[str, Any]:
     routing = rec.routing or {}
     return {
         "text": x.text,
@@ -904,7 +885,6 @@ def _summary(r: dict[str, Any], files: Sequence[Path]) -> str:
     tiers = ", ".join(f"{k} {_pct(v)}" for k, v in a["tier_of_answer"].items())
     models = ", ".join(f"{k} {_pct(v)}" for k, v in a["answering_model"].items())
     mix = ", ".join(f"{k} {v:g}" for k, v in p["mix"].items())
-    row = api._row  # the same table as the api scenario's
     lines = [
         "",
         f"== swarmdesk bench orchestration: {p['db']}, {p['rate']:g} msg/s for "
@@ -925,18 +905,18 @@ def _summary(r: dict[str, Any], files: Sequence[Path]) -> str:
         f"messages/s answered {r['messages_per_s_answered_shifted']:g} (window shifted by the "
         f"median reply time); final p50 by third of the load {lat['final_p50_by_third_of_load']}",
         "",
-        common.latency_header("latency, ms from POST sent", 30),
-        row("first delta", lat["first_delta"]),
-        row("final", lat["final"]),
-        row("service turn (db latency_ms)", lat["service_turn"]),
-        row("final - service turn", lat["final_minus_service_turn"]),
-        row("simulator first token (direct)", r["simulator_baseline_ms"]["first_token"]),
+        report.latency_header("latency, ms from POST sent", 30),
+        _row("first delta", lat["first_delta"]),
+        _row("final", lat["final"]),
+        _row("service turn (db latency_ms)", lat["service_turn"]),
+        _row("final - service turn", lat["final_minus_service_turn"]),
+        _row("simulator first token (direct)", r["simulator_baseline_ms"]["first_token"]),
         "",
-        f"turn deadline {dl['seconds']:g} s: final p99 {common.fmt_ms(dl['final_p99_ms'])} ms "
+        f"turn deadline {dl['seconds']:g} s: final p99 {report.fmt_ms(dl['final_p99_ms'])} ms "
         f"({'within' if dl['p99_within'] else 'NOT within'}); finals after the deadline "
         f"{dl['finals_after_deadline_client']}, service turns over it "
         f"{dl['turns_over_deadline_service']} (by up to "
-        f"{common.fmt_ms(dl['turns_over_deadline_max_overrun_ms'])} ms)",
+        f"{report.fmt_ms(dl['turns_over_deadline_max_overrun_ms'])} ms)",
         f"answers: {a['by_kind']}; without any model call {_pct(a['no_model_call_share'])} "
         f"(FAQ {_pct(a['faq_share'])})",
         f"answered by a model or the FAQ, not canned: "
@@ -968,12 +948,12 @@ def _summary(r: dict[str, Any], files: Sequence[Path]) -> str:
             for k, v in r["categories"].items()
         ),
         f"service CPU {cpu['service_core_share']:.0%} of a core "
-        f"({common.fmt_ms(cpu['service_s_per_1000_messages'])} CPU-s per 1000 answers), "
+        f"({report.fmt_ms(cpu['service_s_per_1000_messages'])} CPU-s per 1000 answers), "
         f"simulator {cpu['simulator_core_share']:.0%}, load generator "
         f"{cpu['loadgen_core_share']:.0%}; other processes {cpu['other_processes_cores']:.2f} "
         f"cores ({cpu['other_processes_cores_before']:.2f} just before); service RSS peak "
         f"{r['memory_mb']['service_peak_rss']:g} MB; send lag p99 "
-        f"{common.fmt_ms(r['client']['send_lag_ms']['p99'])} ms",
+        f"{report.fmt_ms(r['client']['send_lag_ms']['p99'])} ms",
         *_slowest_line(r),
         "",
         "swarmdesk costs (the load's ledger):",
@@ -981,13 +961,18 @@ def _summary(r: dict[str, Any], files: Sequence[Path]) -> str:
     ]
     log = r["service_log"]
     if log["counts"]:
-        top = ", ".join(f"{k} x{v}" for k, v in list(log["counts"].items())[:8])
+        top = report.log_counts(log, 8)
         lines.append(f"service log: {top}")
         for line in log["excerpt"][:3]:
             lines.append(f"  log: {line[:300]}")
     else:
         lines.append("service log: no warnings or errors")
-    return "\n".join(lines + common.summary_tail(r, files))
+    return "\n".join(lines + report.summary_tail(r, files))
+
+
+def _row(label: str, s: dict[str, Any]) -> str:
+    """A row of the latency table, as wide as the api scenario's."""
+    return report.latency_row(label, s, 30)
 
 
 def _slowest_line(r: dict[str, Any]) -> list[str]:
@@ -997,14 +982,14 @@ def _slowest_line(r: dict[str, Any]) -> list[str]:
     e = slowest[0]
     trail = ", ".join(
         f"{c['specialist'] or '-'}/{c['purpose']}/{c['model']} {c['outcome']} "
-        f"{common.fmt_ms(c['latency_ms'])} ms"
+        f"{report.fmt_ms(c['latency_ms'])} ms"
         for c in e["calls"]
     )
-    return [f"slowest turn {common.fmt_ms(e['turn_ms'])} ms: {e['text']!r}; calls: {trail}"]
+    return [f"slowest turn {report.fmt_ms(e['turn_ms'])} ms: {e['text']!r}; calls: {trail}"]
 
 
 def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
-    plt = common.pyplot()
+    plt = plots.pyplot()
     load: MixLoad = m["load"]
     db: dict[int, Record] = m["db"]
     start = m["times"]["start"]
@@ -1025,7 +1010,7 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
         "first delta": [v for x in answered if (v := x.ms(x.first_delta)) is not None],
         "final": [v for x in answered if (v := x.ms(x.final)) is not None],
     }
-    common.plot_percentiles(ax, series, "ms after the POST was sent")
+    plots.plot_percentiles(ax, series, "ms after the POST was sent")
     ax.axhline(deadline_ms, color="r", linestyle="--", label="turn deadline")
     ax.set_yscale("log")
     ax.set_title("latency by percentile")
@@ -1065,4 +1050,4 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
     ax.set_title("by category")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles, ["model calls per message", "cost per 1,000 messages"], fontsize=8)
-    common.save_figure(plt, fig, path)
+    plots.save_figure(plt, fig, path)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench.service_code import REPO_ROOT
 
-SHOP_DATA = common.REPO_ROOT / "bot" / "demo_shop" / "data.json"
+SHOP_DATA = REPO_ROOT / "bot" / "demo_shop" / "data.json"
 # The traffic mix.
 DEFAULT_MIX: dict[str, float] = {
     "logistics": 0.35,

@@ -2,7 +2,7 @@
 
 Processes: the model simulator, the service (one bot, webhook mode, SQLite, one specialist
 and no LLM routing, so one model call per answer) and the fake Bot API server
-(`python -m tests.fakes.telegram_api`), each its own process; this process only posts Updates.
+(`python -m simulator.fakes.telegram_api`), each its own process; this process only posts Updates.
 The fake records every Bot API call with its arrival time (time.monotonic, the same clock in
 every process on Linux), so after the load each chat's calls tell what its shopper saw:
 
@@ -37,8 +37,23 @@ from typing import Any
 import aiohttp
 import psutil
 
-from bench import common, processes
-from bench.scenarios.api import QUESTIONS
+from bench import (
+    options,
+    plots,
+    processes,
+    prometheus,
+    report,
+    result_files,
+    sampling,
+    simulator_http,
+    stats,
+)
+from bench.arrivals import arrival_offsets
+from bench.http_client import http_client
+from bench.questions import QUESTIONS
+from bench.service_code import REPO_ROOT
+from bench.service_config import base_service_config, one_specialist_sections, write_yaml
+from bench.service_log import scan_json_log
 
 NAME = "telegram"
 HELP = (
@@ -57,7 +72,7 @@ TARGET_OVERHEAD_P99_MS = 10.0
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=100.0, help="updates per second")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load")
-    common.add_simulator_arguments(
+    options.add_simulator_arguments(
         p, reply_tokens=300, reply_help="tokens per answer (300 at 50/s: 6 s)"
     )
     p.add_argument("--draft-rate", type=float, default=2.0, help="draft_updates_per_second")
@@ -79,14 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-ms", type=float, default=100.0, help="--mode channel: tokens pushed per batch"
     )
-    common.add_db_arguments(p)
-    p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--baseline-requests", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=10, help="unmeasured updates before the load")
+    options.add_db_arguments(p)
+    options.add_open_loop_arguments(p, sends="updates")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="wait for late answers")
-    common.add_output_arguments(p, profile=True)
-    common.add_workspace_arguments(p)
+    options.add_output_arguments(p, profile=True)
+    options.add_workspace_arguments(p)
 
 
 # --- the load -----------------------------------------------------------------------------
@@ -162,12 +174,7 @@ class Poster:
         u.acked = time.monotonic()
 
     async def drive(self, rate: float, duration: float, arrival: str) -> tuple[float, float]:
-        gaps = random.Random(self.rng.random())
-        offsets: list[float] = []
-        t = gaps.expovariate(rate) if arrival == "poisson" else 0.0
-        while t < duration:
-            offsets.append(t)
-            t += gaps.expovariate(rate) if arrival == "poisson" else 1.0 / rate
+        offsets = arrival_offsets(random.Random(self.rng.random()), rate, arrival, duration)
         start = time.monotonic()
         for i, offset in enumerate(offsets):
             delay = start + offset - time.monotonic()
@@ -242,7 +249,7 @@ def service_section(args: argparse.Namespace, api_url: str) -> dict[str, Any]:
 def service_config(
     path: Path, *, port: int, db_url: str, sim_port: int, api_url: str, args: argparse.Namespace
 ) -> None:
-    sections = common.one_specialist_sections(
+    sections = one_specialist_sections(
         sim_port,
         max_concurrency=2048,
         turn_deadline_s=60,
@@ -250,12 +257,12 @@ def service_config(
         max_output_tokens=max(800, args.reply_tokens + 50),
     )
     config: dict[str, Any] = {
-        **common.base_service_config(port, db_url),
+        **base_service_config(port, db_url),
         **sections,
         "worker": {"max_concurrent_conversations": 4096},
         "channels": {"api": {"enabled": False}, "telegram": service_section(args, api_url)},
     }
-    common.write_yaml(path, config)
+    write_yaml(path, config)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -265,17 +272,17 @@ async def run(args: argparse.Namespace) -> int:
     where = "channel" if args.mode == "channel" else args.db
     stem = f"telegram-{where}-r{args.rate:g}-t{args.reply_tokens}{tag}"
     with processes.Workspace("bench-telegram-", keep=args.keep_tmp) as ws:
-        sim = ws.simulator(common.simulator_options(args))
+        sim = ws.simulator(options.simulator_options(args))
         api_port = ws.free_port()
         fake = ws.process(
             "fake-bot-api",
             [
-                *(sys.executable, "-m", "tests.fakes.telegram_api", "--port", str(api_port)),
+                *(sys.executable, "-m", "simulator.fakes.telegram_api", "--port", str(api_port)),
                 *("--per-chat-per-second", str(args.flood_limit)),
             ],
             port=api_port,
-            env=common.clean_env({"PYTHONPATH": str(common.REPO_ROOT)}),
-            cwd=common.REPO_ROOT,
+            env=processes.clean_env({"PYTHONPATH": str(REPO_ROOT)}),
+            cwd=REPO_ROOT,
         )
         svc = ws.service(
             env={"BENCH_TG_TOKEN": TOKEN, "BENCH_TG_SECRET": SECRET}, profile=args.profile
@@ -298,41 +305,42 @@ async def run(args: argparse.Namespace) -> int:
                 svc.start()
                 m = await _measure(args, sim, fake, svc)
             # Processes stop here (service first), then the PostgreSQL database is dropped.
-        m["service_log"] = common.scan_json_log(svc.log_path)
+        m["service_log"] = scan_json_log(svc.log_path)
         result = _result(args, m)
-        files = common.save_results(
+        return result_files.publish(
             args.out,
             stem,
             result,
             lambda png: _plot(result, m, png),
+            _summary,
             profile=ws.profile_path if args.profile else None,
         )
-        print(_summary(result, files))
-        return 0 if result["ok"] else 1
 
 
 async def _measure(
     args: argparse.Namespace,
-    sim: common.ManagedProcess,
-    fake: common.ManagedProcess,
-    svc: common.ManagedProcess,
+    sim: processes.ManagedProcess,
+    fake: processes.ManagedProcess,
+    svc: processes.ManagedProcess,
 ) -> dict[str, Any]:
-    async with common.http_client(sock_read_s=60) as http:
-        await common.wait_all_ready(http, sim, fake, svc)
+    async with http_client(sock_read_s=60) as http:
+        await processes.wait_all_ready(http, sim, fake, svc)
         print(f"bench: simulator :{sim.port}, fake Bot API :{fake.port}, service :{svc.port}")
-        baseline, baseline_failures = await common.simulator_baseline(
+        baseline, baseline_failures = await simulator_http.simulator_baseline(
             http, f"{sim.url}/v1", args.baseline_requests, args.rate, QUESTIONS
         )
-        procs = common.psutil_processes(
+        procs = sampling.psutil_processes(
             {"service": svc, "simulator": sim, "fake_bot_api": fake, "loadgen": None}
         )
         m = await _load(args, http, svc.url + PATH, fake.url, procs)
-        m["metrics"] = await common.service_metrics(http, svc.url)
+        m["metrics"] = await prometheus.service_metrics(http, svc.url)
     m.update(baseline=baseline, baseline_failures=baseline_failures)
     return m
 
 
-async def _measure_channel(args: argparse.Namespace, fake: common.ManagedProcess) -> dict[str, Any]:
+async def _measure_channel(
+    args: argparse.Namespace, fake: processes.ManagedProcess
+) -> dict[str, Any]:
     """--mode channel: the Telegram channel in this process with a scripted model."""
     from bench.scenarios.telegram_stub import start_channel
 
@@ -346,10 +354,10 @@ async def _measure_channel(args: argparse.Namespace, fake: common.ManagedProcess
         batch_s=args.batch_ms / 1000,
     )
     try:
-        async with common.http_client(sock_read_s=60) as http:
-            await common.wait_all_ready(http, fake)
+        async with http_client(sock_read_s=60) as http:
+            await processes.wait_all_ready(http, fake)
             print(f"bench: fake Bot API :{fake.port}, Telegram channel alone at {base}")
-            procs = common.psutil_processes({"loadgen_and_channel": None, "fake_bot_api": fake})
+            procs = sampling.psutil_processes({"loadgen_and_channel": None, "fake_bot_api": fake})
             m = await _load(args, http, base + PATH, fake.url, procs)
     finally:
         await runner.cleanup()
@@ -375,10 +383,10 @@ async def _load(
         await drain(log, warm.updates, 60.0)
     skip = len(log.calls)
     if args.wait_quiet > 0:
-        await common.wait_quiet(list(procs.values()), args.wait_quiet)
+        await sampling.wait_quiet(list(procs.values()), args.wait_quiet)
     poster = Poster(http, webhook, args.seed, args.groups, first_id=10_000_000)
-    rss = common.RssSampler(procs)
-    usage = common.CpuWindow(procs)
+    rss = sampling.RssSampler(procs)
+    usage = sampling.CpuWindow(procs)
     rss.start()
     print(f"bench: posting {args.rate:g} updates/s for {args.duration:g} s ({args.arrival})")
     try:
@@ -459,22 +467,22 @@ def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
             "updates": len(mine),
             "answered": len(done),
             "latency_ms": {
-                "first_visible": common.summarize(
+                "first_visible": stats.summarize(
                     [a.first_visible_ms for a in done if a.first_visible_ms is not None]
                 ),
-                "final": common.summarize([a.final_ms for a in done if a.final_ms is not None]),
+                "final": stats.summarize([a.final_ms for a in done if a.final_ms is not None]),
             },
-            "bot_api_calls_per_answer": common.summarize([a.calls for a in done], 2),
-            "drafts_per_answer": common.summarize([a.drafts for a in done], 2),
-            "edits_per_answer": common.summarize([a.edits for a in done], 2),
+            "bot_api_calls_per_answer": stats.summarize([a.calls for a in done], 2),
+            "drafts_per_answer": stats.summarize([a.drafts for a in done], 2),
+            "edits_per_answer": stats.summarize([a.edits for a in done], 2),
             "rejected_calls": sum(a.rejected for a in mine),
             "min_gap_between_streamed_updates_ms": min(
                 (a.min_gap_ms for a in done if a.min_gap_ms is not None), default=None
             ),
         }
-    baseline = common.summarize(m["baseline"])
+    baseline = stats.summarize(m["baseline"])
     first = out.get("private", {}).get("latency_ms", {}).get("first_visible", {})
-    overhead = common.overhead_ms(first, baseline)
+    overhead = stats.overhead_ms(first, baseline)
     window = args.duration
     cpu, rss = m["cpu"], m["rss"]
     wall = times["end"] - times["start"]
@@ -489,7 +497,7 @@ def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
         problems.append(f"{len(m['violations'])} calls during a 429 pause")
     return {
         "scenario": NAME,
-        "created_at": common.now_iso(),
+        "created_at": result_files.now_iso(),
         "parameters": {
             "rate": args.rate,
             "duration_s": args.duration,
@@ -506,11 +514,11 @@ def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
             "seed": args.seed,
             "tag": args.tag,
         },
-        "environment": common.environment(),
+        "environment": result_files.environment(),
         "updates_sent": len(updates),
         "updates_per_s_sent": round(len(updates) / window, 2),
         "updates_acked": len(acked),
-        "webhook_response_ms": common.summarize(ack_ms),
+        "webhook_response_ms": stats.summarize(ack_ms),
         "chats": out,
         "simulator_baseline_ms": {"first_token": baseline, "failures": m["baseline_failures"]},
         "service_overhead_first_visible_ms": overhead,
@@ -534,7 +542,7 @@ def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
-    plt = common.pyplot()
+    plt = plots.pyplot()
     answers = _answers(m["updates"], m["calls"])
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     ax = axes[0]
@@ -545,7 +553,7 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
         ],
         "final message": [a.final_ms for a in answers.values() if a.final_ms is not None],
     }
-    common.plot_percentiles(ax, series, "ms after the Update was posted")
+    plots.plot_percentiles(ax, series, "ms after the Update was posted")
     ax.set_title("latency by percentile")
     ax.legend(fontsize=8)
     ax = axes[1]
@@ -561,11 +569,11 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
         f"{p['sim_first_token_ms']:g} ms + {p['reply_tokens']} tokens at {p['sim_tps']:g}/s; "
         f"drafts {p['draft_updates_per_second']:g}/s"
     )
-    common.save_figure(plt, fig, path)
+    plots.save_figure(plt, fig, path)
 
 
 def _row(label: str, s: dict[str, Any]) -> str:
-    return common.latency_row(label, s, 34)
+    return report.latency_row(label, s, 34)
 
 
 def _summary(r: dict[str, Any], files: list[Path]) -> str:
@@ -583,7 +591,7 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
         f"updates sent {r['updates_sent']} ({r['updates_per_s_sent']:g}/s), acknowledged "
         f"{r['updates_acked']}",
         "",
-        common.latency_header("latency, ms from the Update posted", 34),
+        report.latency_header("latency, ms from the Update posted", 34),
         _row("webhook 200", r["webhook_response_ms"]),
     ]
     for kind, x in r["chats"].items():
@@ -599,13 +607,13 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
             f"{kind}: answered {x['answered']}/{x['updates']}; Bot API calls per answer mean "
             f"{c['mean']}, p99 {c['p99']}, max {c['max']} (drafts mean {d['mean']}, edits "
             f"mean {e['mean']}); shortest gap between streamed updates of one chat "
-            f"{common.fmt_ms(gap)} ms; calls refused by the fake {x['rejected_calls']}"
+            f"{report.fmt_ms(gap)} ms; calls refused by the fake {x['rejected_calls']}"
         )
     over, target = r["service_overhead_first_visible_ms"], r["target"]
     lines.append(
         f"{'channel' if alone else 'service'} overhead at first visible text: p50 "
-        f"{common.fmt_ms(over['p50'])} ms, p99 "
-        f"{common.fmt_ms(over['p99'])} ms (target p99 <= "
+        f"{report.fmt_ms(over['p50'])} ms, p99 "
+        f"{report.fmt_ms(over['p99'])} ms (target p99 <= "
         f"{target['p99_first_visible_overhead_ms_max']:g} ms: "
         f"{'met' if target['met'] else 'NOT met'})"
     )
@@ -620,7 +628,5 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
     )
     log = r["service_log"]
     if log["counts"]:
-        lines.append(
-            "service log: " + ", ".join(f"{k} x{v}" for k, v in list(log["counts"].items())[:6])
-        )
-    return "\n".join(lines + common.summary_tail(r, files))
+        lines.append("service log: " + report.log_counts(log))
+    return "\n".join(lines + report.summary_tail(r, files))

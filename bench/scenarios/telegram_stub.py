@@ -21,7 +21,7 @@ from channels.base import ConversationRef, InboundMessage, IngestResult, StoredM
 from channels.http import json_errors
 from channels.telegram.channel import TelegramChannel
 from channels.telegram.config import TelegramSettings
-from orchestration.llm.simulator import reply_tokens
+from simulator.text import reply_tokens
 
 
 class ScriptedHost:

@@ -6,7 +6,7 @@ connection or an error tries again with the same MsgId, three tries in all. If n
 three gets an answer WeChat shows the shopper "该公众号暂时无法提供服务" ("cannot provide
 service"). Answers arrive either as the passive reply in the HTTP response or through the
 customer-service API, which a fake WeChat API in this process serves and records
-(tests/fakes/wechat_api.py).
+(simulator/fakes/wechat_api.py).
 
 Each shopper (openid) sends one message, so every delivery to an openid belongs to that
 message. After the load the stored answers are read from the service's SQLite database and
@@ -35,8 +35,11 @@ import aiohttp
 import psutil
 import xmltodict
 
-from bench import common, processes
-from tests.fakes.wechat_api import FakeWechatApi, sha1_sign, text_xml
+from bench import options, plots, processes, prometheus, report, result_files, sampling, stats
+from bench.http_client import fetch_text, http_client
+from bench.service_config import base_service_config, one_specialist_sections, write_yaml
+from bench.service_log import scan_json_log
+from simulator.fakes.wechat_api import FakeWechatApi, sha1_sign, text_xml
 
 NAME = "wechat"
 HELP = (
@@ -87,8 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--drain-timeout", type=float, default=40.0, help="wait for late answers")
-    common.add_output_arguments(p)
-    common.add_workspace_arguments(p, wait_quiet=None)
+    options.add_output_arguments(p)
+    options.add_workspace_arguments(p, wait_quiet=None)
 
 
 # --- records ------------------------------------------------------------------------------
@@ -177,11 +180,11 @@ class WechatClient:
 def service_config(
     path: Path, *, port: int, db_url: str, sim_port: int, api_url: str, budget: float
 ) -> None:
-    sections = common.one_specialist_sections(
+    sections = one_specialist_sections(
         sim_port, max_concurrency=512, turn_deadline_s=30, specialist_timeout_s=25
     )
     config: dict[str, Any] = {
-        **common.base_service_config(port, db_url),
+        **base_service_config(port, db_url),
         **sections,
         "worker": {"max_concurrent_conversations": 1024},
         "channels": {
@@ -201,7 +204,7 @@ def service_config(
             }
         },
     }
-    common.write_yaml(path, config)
+    write_yaml(path, config)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -234,10 +237,10 @@ async def run(args: argparse.Namespace) -> int:
             ws.stop()  # the stored answers are complete once the service has stopped
             stored = _stored_answers(ws.sqlite_path)
             result = _result(args, profiles, msgs, windows, api, stored)
-            result["service_log"] = common.scan_json_log(svc.log_path)
-            files = common.save_results(args.out, stem, result, lambda png: _plot(result, png))
-            print(_summary(result, files))
-            return 0 if result["ok"] else 1
+            result["service_log"] = scan_json_log(svc.log_path)
+            return result_files.publish(
+                args.out, stem, result, lambda png: _plot(result, png), _summary
+            )
     finally:
         await api.stop()
 
@@ -246,12 +249,12 @@ async def _load(
     args: argparse.Namespace,
     profiles: list[str],
     api: FakeWechatApi,
-    sim: common.ManagedProcess,
-    svc: common.ManagedProcess,
+    sim: processes.ManagedProcess,
+    svc: processes.ManagedProcess,
 ) -> tuple[list[Msg], dict[str, tuple[float, float, float]]]:
-    async with common.http_client() as http:
+    async with http_client() as http:
         base = svc.url
-        await common.wait_all_ready(http, sim, svc)
+        await processes.wait_all_ready(http, sim, svc)
         client = WechatClient(http, base + PATH, api, args.lost_responses, args.seed)
         rng = random.Random(args.seed)
         # Warm-up: connections, the access_token, caches.
@@ -266,7 +269,7 @@ async def _load(
             batch: list[Msg] = []
             tasks: list[asyncio.Task[None]] = []
             start = time.monotonic()
-            cpu0 = common.cpu_seconds(proc)
+            cpu0 = sampling.cpu_seconds(proc)
             n = int(args.rate * args.duration)
             for i in range(n):
                 delay = start + i / args.rate - time.monotonic()
@@ -277,7 +280,7 @@ async def _load(
                 tasks.append(asyncio.create_task(client.deliver(m)))
             await asyncio.gather(*tasks)
             await _quiet(http, base, api, batch, args.drain_timeout)
-            windows[profile] = (start, time.monotonic(), common.cpu_seconds(proc) - cpu0)
+            windows[profile] = (start, time.monotonic(), sampling.cpu_seconds(proc) - cpu0)
             msgs.extend(batch)
     return msgs, windows
 
@@ -298,9 +301,9 @@ async def _quiet(
     end = time.monotonic() + limit
     while time.monotonic() < end:
         in_flight = 1.0
-        text = await common.fetch_text(http, f"{base}/metrics")
+        text = await fetch_text(http, f"{base}/metrics")
         if text is not None:
-            in_flight = common.parse_prometheus(text).get("swarmdesk_replies_in_flight", 0.0)
+            in_flight = prometheus.parse_samples(text).get("swarmdesk_replies_in_flight", 0.0)
         last = max((s.at for s in api.sent), default=0.0)
         if in_flight == 0 and time.monotonic() - last > 1.0:
             return
@@ -410,10 +413,10 @@ def _result(
             "counts": c,
             "answered_share": round(answered_share, 4),
             "latency_ms": {
-                "callback_answer": common.summarize([x for m in batch for x in m.http_ms]),
-                "typing_shown": common.summarize(typing_ms),
-                "first_reply": common.summarize(first_ms),
-                "full": common.summarize(full_ms),
+                "callback_answer": stats.summarize([x for m in batch for x in m.http_ms]),
+                "typing_shown": stats.summarize(typing_ms),
+                "first_reply": stats.summarize(first_ms),
+                "full": stats.summarize(full_ms),
             },
             "messages_per_s": round(c["answered"] / args.duration, 2),
             "wall_s": round(end - start, 2),
@@ -425,7 +428,7 @@ def _result(
                 problems.append(f"{profile}: {c[key]} {key.replace('_', ' ')}")
     return {
         "scenario": NAME,
-        "created_at": common.now_iso(),
+        "created_at": result_files.now_iso(),
         "parameters": {
             "rate": args.rate,
             "duration_s": args.duration,
@@ -437,7 +440,7 @@ def _result(
             "seed": args.seed,
             "tag": args.tag,
         },
-        "environment": common.environment(),
+        "environment": result_files.environment(),
         "profiles": out,
         "api_errors": [list(e) for e in api.errors],
         "token_requests": len(api.token_requests),
@@ -447,7 +450,7 @@ def _result(
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
-    plt = common.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(1, 1, figsize=(9, 5))
     for name, r in result["profiles"].items():
         for key, style in (("first_reply", "--"), ("full", "-")):
@@ -466,7 +469,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"swarmdesk wechat bench: {result['parameters']['rate']:g} msg/s")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    common.save_figure(plt, fig, path)
+    plots.save_figure(plt, fig, path)
 
 
 def _summary(r: dict[str, Any], files: list[Path]) -> str:
@@ -489,12 +492,12 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
             f"{x['answered_share']:>10.1%}{c['answered_passive']:>8}{c['answered_api']:>6}"
             f"{c['answered_both']:>6}{c['duplicates'] + c['stored_twice']:>5}"
             f"{c['cannot_provide_service']:>7}{c['tries_beyond_first']:>8}"
-            f"{common.fmt_ms(lat['callback_answer']['p99']):>9}"
-            f"{common.fmt_ms(lat['typing_shown']['p50']):>11}"
-            f"{common.fmt_ms(lat['first_reply']['p50']):>10}"
-            f"{common.fmt_ms(lat['first_reply']['p99']):>8}"
-            f"{common.fmt_ms(lat['full']['p50']):>10}{common.fmt_ms(lat['full']['p99']):>8}"
-            f"{x['messages_per_s']:>7g}{common.fmt_ms(x['service_cpu_ms_per_message']):>11}"
+            f"{report.fmt_ms(lat['callback_answer']['p99']):>9}"
+            f"{report.fmt_ms(lat['typing_shown']['p50']):>11}"
+            f"{report.fmt_ms(lat['first_reply']['p50']):>10}"
+            f"{report.fmt_ms(lat['first_reply']['p99']):>8}"
+            f"{report.fmt_ms(lat['full']['p50']):>10}{report.fmt_ms(lat['full']['p99']):>8}"
+            f"{x['messages_per_s']:>7g}{report.fmt_ms(x['service_cpu_ms_per_message']):>11}"
         )
     lines.append(
         "  (answered: the shopper got the stored answer exactly, once; passive/api/both: how; "
@@ -512,7 +515,5 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
         lines.append(f"  WeChat API errors answered by the fake: {r['api_errors'][:10]}")
     log = r["service_log"]
     if log["counts"]:
-        lines.append(
-            "  service log: " + ", ".join(f"{k} x{v}" for k, v in list(log["counts"].items())[:6])
-        )
-    return "\n".join(lines + common.summary_tail(r, files))
+        lines.append("  service log: " + report.log_counts(log))
+    return "\n".join(lines + report.summary_tail(r, files))

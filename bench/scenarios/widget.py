@@ -34,8 +34,12 @@ from typing import Any
 
 import aiohttp
 
-from bench import common, processes
-from bench.scenarios.api import QUESTIONS
+from bench import options, plots, processes, prometheus, report, result_files, sampling, stats
+from bench.arrivals import arrival_offsets
+from bench.http_client import fetch_text, http_client
+from bench.questions import QUESTIONS
+from bench.service_config import base_service_config, simulator_provider, write_yaml
+from bench.service_log import scan_json_log
 
 NAME = "widget"
 HELP = "idle widget WebSockets + active chats: service RSS, delta-to-socket latency"
@@ -50,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=50.0, help="visitor messages per second")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load")
     p.add_argument("--connect-concurrency", type=int, default=100)
-    common.add_simulator_arguments(p)
+    options.add_simulator_arguments(p)
     p.add_argument("--warmup", type=int, default=20, help="unmeasured messages before the load")
     p.add_argument("--drain-timeout", type=float, default=15.0)
     p.add_argument("--seed", type=int, default=1)
@@ -61,9 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="providers[].max_concurrency of the simulator (the service's default, 32, caps "
         "50 msg/s of ~1.1 s answers below the offered load)",
     )
-    common.add_db_arguments(p)
-    common.add_output_arguments(p)
-    common.add_workspace_arguments(p, wait_quiet=120.0)
+    options.add_db_arguments(p)
+    options.add_output_arguments(p)
+    options.add_workspace_arguments(p, wait_quiet=120.0)
 
 
 # --- file descriptors -------------------------------------------------------------------------
@@ -275,19 +279,13 @@ class ActiveChats:
 
     async def run(self, rate: float, duration: float, first_index: int, warmup: bool) -> None:
         start = time.monotonic()
-        t = 0.0
-        i = 0
         tasks: list[asyncio.Task[None]] = []
         gaps = random.Random(self.rng.random())
-        while True:
-            t += gaps.expovariate(rate)
-            if t >= duration:
-                break
+        for i, t in enumerate(arrival_offsets(gaps, rate, "poisson", duration)):
             delay = start + t - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             msg = Msg(first_index + i, warmup)
-            i += 1
             if not warmup:
                 self.msgs.append(msg)
             tasks.append(asyncio.create_task(self.send(msg)))
@@ -316,10 +314,8 @@ def service_config(
 ) -> None:
     model = {"name": SIM_MODEL, "input_price_per_mtok": 0.27, "output_price_per_mtok": 1.1}
     config: dict[str, Any] = {
-        **common.base_service_config(port, db_url),
-        "providers": [
-            common.simulator_provider(sim_port, [model], max_concurrency=max_concurrency)
-        ],
+        **base_service_config(port, db_url),
+        "providers": [simulator_provider(sim_port, [model], max_concurrency=max_concurrency)],
         "tiers": {"cheap": [f"sim/{SIM_MODEL}"], "premium": [f"sim/{SIM_MODEL}"]},
         "worker": {"max_concurrent_conversations": 1024},
         "channels": {
@@ -338,7 +334,7 @@ def service_config(
             }
         },
     }
-    common.write_yaml(path, config)
+    write_yaml(path, config)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -351,7 +347,7 @@ async def run(args: argparse.Namespace) -> int:
     tag = f"-{args.tag}" if args.tag else ""
     stem = f"widget-{args.db}-i{args.idle}-r{args.rate:g}{tag}"
     with processes.Workspace("bench-widget-", keep=args.keep_tmp) as ws:
-        sim = ws.simulator(common.simulator_options(args))
+        sim = ws.simulator(options.simulator_options(args))
         svc = ws.service(env={"SWARMDESK_API_KEY": "bench"})
         print(f"bench: temp dir {ws.tmp}")
         async with ws.database(args.db, args.pg_admin_dsn) as db_url:
@@ -367,24 +363,26 @@ async def run(args: argparse.Namespace) -> int:
             svc.start()
             measured = await _measure(args, sim, svc)
             # Processes stop here (service first), then the PostgreSQL database is dropped.
-        measured["service_log"] = common.scan_json_log(svc.log_path)
+        measured["service_log"] = scan_json_log(svc.log_path)
         result = _result(args, measured)
-        files = common.save_results(
-            args.out, stem, result, lambda png: _plot(result, measured, png)
+        return result_files.publish(
+            args.out,
+            stem,
+            result,
+            lambda png: _plot(result, measured, png),
+            _summary,
         )
-        print(_summary(result, files))
-        return 0 if result["ok"] else 1
 
 
 async def _measure(
-    args: argparse.Namespace, sim: common.ManagedProcess, svc: common.ManagedProcess
+    args: argparse.Namespace, sim: processes.ManagedProcess, svc: processes.ManagedProcess
 ) -> dict[str, Any]:
-    async with common.http_client() as http:
+    async with http_client() as http:
         url = f"ws://127.0.0.1:{svc.port}/widget/v1/ws?site={SITE}"
-        await common.wait_all_ready(http, sim, svc)
-        procs = common.psutil_processes({"service": svc, "simulator": sim, "loadgen": None})
+        await processes.wait_all_ready(http, sim, svc)
+        procs = sampling.psutil_processes({"service": svc, "simulator": sim, "loadgen": None})
         svc_proc = procs["service"]
-        rss = common.RssSampler(procs)
+        rss = sampling.RssSampler(procs)
         rss.start()
         marks: dict[str, float] = {"start": time.perf_counter()}
         rss_idle_before = int(svc_proc.memory_info().rss)
@@ -407,9 +405,9 @@ async def _measure(
         chats = ActiveChats(http, url, args.seed, cap=max(10, int(args.rate * (reply_s + 2))))
         await chats.run(rate=max(1.0, args.warmup / 2), duration=2.0, first_index=0, warmup=True)
         await chats.drain(20)
-        other_before = await common.wait_quiet(list(procs.values()), args.wait_quiet)
+        other_before = await sampling.wait_quiet(list(procs.values()), args.wait_quiet)
         marks["load_start"] = time.perf_counter()
-        usage = common.CpuWindow(procs)
+        usage = sampling.CpuWindow(procs)
         chats.measuring = True
         print(f"bench: {args.rate:g} messages/s for {args.duration:g} s")
         await chats.run(args.rate, args.duration, first_index=10_000, warmup=False)
@@ -420,9 +418,9 @@ async def _measure(
         marks["end"] = time.perf_counter()
         idle_alive = crowd.alive
         await rss.stop()
-        text = await common.fetch_text(http, f"{svc.url}/metrics") or ""
-        metrics = common.parse_prometheus(text)
-        buckets = _histogram(text, "swarmdesk_widget_delta_delivery_seconds")
+        text = await fetch_text(http, f"{svc.url}/metrics") or ""
+        metrics = prometheus.parse_samples(text)
+        buckets = prometheus.histogram_buckets(text, "swarmdesk_widget_delta_delivery_seconds")
         await chats.close()
         await crowd.close()
     return {
@@ -442,33 +440,10 @@ async def _measure(
     }
 
 
-def _histogram(text: str, name: str) -> dict[float, float]:
-    """Cumulative bucket counts (le -> count) of a Prometheus histogram."""
-    out: dict[float, float] = {}
-    for line in text.splitlines():
-        if line.startswith(f"{name}_bucket{{"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
-    return out
-
-
-def _bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
-    """The upper bound (ms) of the bucket holding the q-quantile."""
-    if not buckets:
-        return None
-    total = buckets.get(float("inf"), max(buckets.values()))
-    if total <= 0:
-        return None
-    for le in sorted(buckets):
-        if buckets[le] >= q * total:
-            return le * 1000.0
-    return None
-
-
 def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
     crowd: IdleCrowd = m["crowd"]
     chats: ActiveChats = m["chats"]
-    rss: common.RssSampler = m["rss"]
+    rss: sampling.RssSampler = m["rss"]
     marks = m["marks"]
     msgs = chats.msgs
     answered = [x for x in msgs if x.final is not None]
@@ -491,7 +466,7 @@ def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
     metrics = m["metrics"]
     return {
         "scenario": NAME,
-        "created_at": common.now_iso(),
+        "created_at": result_files.now_iso(),
         "parameters": {
             "idle": args.idle,
             "rate": args.rate,
@@ -510,7 +485,7 @@ def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
             "processes of the machine). server_histogram_ms: the service's own measure up to "
             "the socket write (bucket upper bounds)."
         ),
-        "environment": common.environment(),
+        "environment": result_files.environment(),
         "idle": {
             "requested": args.idle,
             "opened": len(crowd.sockets),
@@ -528,13 +503,13 @@ def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
             "loadgen_peak": rss.peak_mb("loadgen"),
         },
         "latency_ms": {
-            "delta_to_socket": common.summarize(chats.delta_ms, 3),
-            "first_delta_from_send": common.summarize(first_ms),
-            "final_from_send": common.summarize(final_ms),
+            "delta_to_socket": stats.summarize(chats.delta_ms, 3),
+            "first_delta_from_send": stats.summarize(first_ms),
+            "final_from_send": stats.summarize(final_ms),
         },
         "server_histogram_ms": {
-            "p50_bucket": _bucket_quantile(m["buckets"], 0.50),
-            "p99_bucket": _bucket_quantile(m["buckets"], 0.99),
+            "p50_bucket": prometheus.bucket_quantile(m["buckets"], 0.50),
+            "p99_bucket": prometheus.bucket_quantile(m["buckets"], 0.99),
             "count": metrics.get("swarmdesk_widget_delta_delivery_seconds_count"),
         },
         "counts": {
@@ -559,9 +534,9 @@ def _result(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
-    plt = common.pyplot()
+    plt = plots.pyplot()
     chats: ActiveChats = m["chats"]
-    rss: common.RssSampler = m["rss"]
+    rss: sampling.RssSampler = m["rss"]
     p = result["parameters"]
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     lat = result["latency_ms"]["delta_to_socket"]
@@ -571,7 +546,7 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
         f"service RSS peak {result['memory_mb']['service_peak']} MB"
     )
     ax = axes[0]
-    common.plot_percentiles(
+    plots.plot_percentiles(
         ax,
         {"deltas": chats.delta_ms},
         "ms from orchestration to the visitor's socket",
@@ -590,7 +565,7 @@ def _plot(result: dict[str, Any], m: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("RSS, MB")
     ax.legend()
     ax.grid(True, alpha=0.3)
-    common.save_figure(plt, fig, path)
+    plots.save_figure(plt, fig, path)
 
 
 def _summary(r: dict[str, Any], files: list[Path]) -> str:
@@ -598,7 +573,7 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
     c, hist = r["counts"], r["server_histogram_ms"]
 
     def row(label: str, s: dict[str, Any]) -> str:
-        return common.latency_row(label, s, 32)
+        return report.latency_row(label, s, 32)
 
     lines = [
         "",
@@ -615,7 +590,7 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
         f"deltas {c.get('deltas', 0)} over {c['active_connections']} active connections "
         f"(messages queued behind a busy visitor: {c.get('queued_behind_busy_visitor', 0)})",
         "",
-        common.latency_header("latency, ms", 32),
+        report.latency_header("latency, ms", 32),
         row("delta: orchestration -> socket", lat["delta_to_socket"]),
         row("first delta after send", lat["first_delta_from_send"]),
         row("final after send", lat["final_from_send"]),
@@ -632,7 +607,5 @@ def _summary(r: dict[str, Any], files: list[Path]) -> str:
     ]
     log = r["service_log"]
     if log["counts"]:
-        lines.append(
-            "service log: " + ", ".join(f"{k} x{v}" for k, v in list(log["counts"].items())[:6])
-        )
-    return "\n".join(lines + common.summary_tail(r, files))
+        lines.append("service log: " + report.log_counts(log))
+    return "\n".join(lines + report.summary_tail(r, files))

@@ -35,7 +35,9 @@ MAX_ID_CHARS = 255
 
 class ApiChannel(Channel):
     name = CHANNEL
-    capabilities = Capabilities(max_length=MAX_TEXT_CHARS)
+    capabilities = Capabilities(
+        max_length=MAX_TEXT_CHARS, event_bus_delivery=True, verified_callers=True
+    )
 
     def __init__(self, account: str, api_keys: list[str]) -> None:
         self.account = account

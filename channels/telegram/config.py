@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from config_section import ConfigSection, matching
 
 PRODUCTION_API = "https://api.telegram.org"
 _ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+AccountName = Annotated[
+    str, matching(_ACCOUNT_RE, "use 1-64 letters, digits, '_' or '-' (it appears in the URL)")
+]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TelegramTexts(_Section):
+class TelegramTexts(ConfigSection):
     """What the bot says by itself (not written by a model)."""
 
     welcome: str = "Hello! Ask me anything about your order, shipping or returns."
@@ -40,8 +41,8 @@ class TelegramTexts(_Section):
     )
 
 
-class TelegramBotSettings(_Section):
-    account: str = Field(
+class TelegramBotSettings(ConfigSection):
+    account: AccountName = Field(
         "default", description="the channel account this bot answers for (unique, a-z 0-9 _ -)"
     )
     token_env: str = Field(
@@ -77,13 +78,6 @@ class TelegramBotSettings(_Section):
     )
     typing: bool = True
     texts: TelegramTexts = Field(default_factory=TelegramTexts)
-
-    @field_validator("account")
-    @classmethod
-    def _account(cls, v: str) -> str:
-        if not _ACCOUNT_RE.match(v):
-            raise ValueError("use 1-64 letters, digits, '_' or '-' (it appears in the URL)")
-        return v
 
     @field_validator("webhook_path")
     @classmethod
@@ -143,7 +137,7 @@ class TelegramBotSettings(_Section):
         return None
 
 
-class TelegramSettings(_Section):
+class TelegramSettings(ConfigSection):
     enabled: bool = False
     mode: Literal["webhook", "polling"] = Field(
         "webhook", description="polling is for development (`swarmdesk telegram poll`)"

@@ -11,7 +11,9 @@ import os
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from config_section import ConfigSection
 
 OA_API = "https://api.weixin.qq.com"
 WECOM_API = "https://qyapi.weixin.qq.com"
@@ -20,10 +22,6 @@ MEDIA_TEXT = "收到啦！我暂时还看不了图片、语音和视频，请用
 
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._~/-]*$")
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def _check_path(v: str) -> str:
@@ -38,7 +36,7 @@ def _check_url(v: str) -> str:
     return v.rstrip("/")
 
 
-class _Callback(_Section):
+class _Callback(ConfigSection):
     name: str = Field(pattern=_NAME_RE, description="account name, stored on conversations")
     path: str = Field(description="callback URL path registered on the WeChat side")
     token: str | None = Field(None, description="the callback Token (or name it with token_env)")
@@ -198,7 +196,7 @@ class WecomBotSettings(_Callback):
     holding_text: str = "答案还在准备中，稍后发给您。"
 
 
-class WechatSettings(_Section):
+class WechatSettings(ConfigSection):
     enabled: bool = False
     api_base_url: str = Field(OA_API, description="WeChat API (tests: a local fake)")
     wecom_api_base_url: str = Field(WECOM_API, description="WeCom API (tests: a local fake)")

@@ -1,5 +1,9 @@
 """Sending a text through a WeChat message API in pieces, and what the platform's refusals mean.
 
+`PieceStream` is the streaming side both API sinks share (Official Account customer-service
+messages, WeCom application `message/send`): whole pieces go out while the model still
+writes, the rest with the final text.
+
 A piece the platform calls too long (45002; e.g. its count differs from ours) is split in
 half and retried. A closed 48-hour window (45015) or a spent quota (45047) is final: the
 rest of the answer is undeliverable and the pipeline asks a person to follow up.
@@ -19,13 +23,15 @@ from channels.wechat.api import (
     WechatApiError,
     WechatTransportError,
 )
-from channels.wechat.chunks import split_text, utf8_len
+from channels.wechat.chunks import complete_length, split_text, utf8_len
 
 log = structlog.get_logger(__name__)
 
 MAX_BYTES = 2048  # text messages of the customer-service API and of WeCom message/send
 
 SendOne = Callable[[str], Awaitable[str]]
+# Sends a text in pieces, adding the platform ids of those that went out to the list.
+SendText = Callable[[str, list[str]], Awaitable[Delivery]]
 
 _UNDELIVERABLE = {
     OUT_OF_WINDOW: "the shopper last wrote more than 48 hours ago, so WeChat refuses "
@@ -84,3 +90,56 @@ async def _send(send_one: SendOne, piece: str, ids: list[str], depth: int) -> No
         # a person is told about (the message is marked failed).
         log.error("wechat_send_uncertain", error=str(e))
         raise _Refused(Delivery(ok=False, detail=str(e))) from e
+
+
+class PieceStream:
+    """One answer sent through a message API as it streams, in pieces of at most MAX_BYTES.
+
+    Only full pieces go out early, so the answer takes no more messages than if it had been
+    sent at the end. After a failed piece nothing more is sent; the sink reports `failure`.
+    """
+
+    def __init__(self, send: SendText, *, channel: str, account: str) -> None:
+        self._send = send
+        self._channel = channel
+        self._account = account
+        self._streamed = ""
+        self.sent = ""  # delivered while streaming
+        self._unsent_bytes = 0
+        self.ids: list[str] = []  # platform ids of every piece that went out
+        self.failure: Delivery | None = None
+
+    def add(self, delta: str) -> bool:
+        """Take a delta; True when more than a piece waits unsent (false for almost all)."""
+        self._streamed += delta
+        self._unsent_bytes += utf8_len(delta)
+        return self._unsent_bytes > MAX_BYTES and self.failure is None
+
+    def full_pieces(self) -> list[str]:
+        """The whole pieces of complete sentences ready to go (not the last, still growing)."""
+        if not self._streamed.startswith(self.sent):
+            return []
+        unsent = self._streamed[len(self.sent) :]
+        return split_text(unsent[: complete_length(unsent)], MAX_BYTES)[:-1]
+
+    async def send_full(self, pieces: list[str]) -> None:
+        for piece in pieces:
+            d = await self.send(piece)
+            if not d.ok:
+                self.failure = d
+                return
+            self.sent += piece
+            self._unsent_bytes -= utf8_len(piece)
+
+    def unsent(self, final_text: str) -> str:
+        """What of the final text is still to send: the whole of it when it does not continue
+        what went out while streaming (a fallback model rewrote it; logged)."""
+        if not self.sent:
+            return final_text
+        if final_text.startswith(self.sent):
+            return final_text[len(self.sent) :]
+        log.warning(f"{self._channel}_final_differs_from_stream", account=self._account)
+        return final_text
+
+    async def send(self, text: str) -> Delivery:
+        return await self._send(text, self.ids)

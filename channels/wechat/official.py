@@ -42,9 +42,9 @@ from channels.base import (
 )
 from channels.http import ApiError
 from channels.wechat.api import OfficialAccountApi, WechatApiError, WechatTransportError
-from channels.wechat.chunks import complete_length, split_text, utf8_len
+from channels.wechat.chunks import split_text
 from channels.wechat.config import OfficialAccountSettings, WechatSettings
-from channels.wechat.delivery import MAX_BYTES, send_pieces
+from channels.wechat.delivery import MAX_BYTES, PieceStream, send_pieces
 from channels.wechat.inbound import normalize
 from channels.wechat.passive import SYSTEM_REPLY, AnswerBoard, SystemReplySlot
 from channels.wechat.runtime import WechatChannelBase, bind, signed_params
@@ -291,11 +291,11 @@ class _OaSink(ReplySink):
         self._board = channel.board
         self._openid = conversation.chat_id
         self._id = inbound.id
-        self._streamed = ""
-        self._sent = ""  # delivered through the API while streaming
-        self._unsent_bytes = 0
-        self._ids: list[str] = []
-        self._failure: Delivery | None = None
+        self._pieces = PieceStream(
+            lambda text, ids: channel.send_api(acc, self._openid, text, ids),
+            channel=CHANNEL,
+            account=acc.name,
+        )
         self._typing: asyncio.Task[None] | None = None
         self._typed = False
         created = inbound.created_at
@@ -340,39 +340,25 @@ class _OaSink(ReplySink):
                 await task
 
     async def push(self, delta: str) -> None:
-        self._streamed += delta
-        self._unsent_bytes += utf8_len(delta)
-        if self._unsent_bytes <= MAX_BYTES or self._failure is not None:
-            return  # cheap path for almost every delta
-        if not self._window_passed() or not self._streamed.startswith(self._sent):
+        if not self._pieces.add(delta) or not self._window_passed():
             return
-        unsent = self._streamed[len(self._sent) :]
         # A full piece is ready and nobody waits for a passive reply: send it now rather
-        # than at the end (only full pieces, so the answer takes no more messages).
-        pieces = split_text(unsent[: complete_length(unsent)], MAX_BYTES)
-        if len(pieces) < 2:
-            return
-        self._board.to_api(self._id)
-        for piece in pieces[:-1]:
-            d = await self._ch.send_api(self._acc, self._openid, piece, self._ids)
-            if not d.ok:
-                self._failure = d
-                return
-            self._sent += piece
-            self._unsent_bytes -= utf8_len(piece)
+        # than at the end.
+        pieces = self._pieces.full_pieces()
+        if pieces:
+            self._board.to_api(self._id)
+            await self._pieces.send_full(pieces)
 
     async def finish(self, final_text: str) -> Delivery:
         await self._stop_typing()
-        if self._failure is not None:
+        failure = self._pieces.failure
+        if failure is not None:
             self._board.abandon(self._id)
-            REPLIES.labels(CHANNEL, _route(self._failure, passive=False)).inc()
-            return self._failure
-        if self._sent:
-            rest = final_text[len(self._sent) :]
-            if not final_text.startswith(self._sent):
-                log.warning("wechat_final_differs_from_stream", account=self._acc.name)
-                rest = final_text
-            return self._count(await self._api(rest), passive=False)
+            REPLIES.labels(CHANNEL, _route(failure, passive=False)).inc()
+            return failure
+        if self._pieces.sent:
+            rest = self._pieces.unsent(final_text)
+            return self._count(await self._pieces.send(rest), passive=False)
         pieces = split_text(final_text, MAX_BYTES)
         if not pieces:
             self._board.abandon(self._id)
@@ -385,16 +371,13 @@ class _OaSink(ReplySink):
                 waiter.written.cancel()
                 ok = False
             if ok:
-                self._ids.append("passive")
+                self._pieces.ids.append("passive")
                 if len(pieces) == 1:
                     REPLIES.labels(CHANNEL, "passive").inc()
-                    return Delivery(platform_message_ids=list(self._ids))
-                return self._count(await self._api("".join(pieces[1:])), passive=True)
+                    return Delivery(platform_message_ids=list(self._pieces.ids))
+                return self._count(await self._pieces.send("".join(pieces[1:])), passive=True)
             self._board.to_api(self._id)  # the passive reply did not go out
-        return self._count(await self._api(final_text), passive=False)
-
-    async def _api(self, text: str) -> Delivery:
-        return await self._ch.send_api(self._acc, self._openid, text, self._ids)
+        return self._count(await self._pieces.send(final_text), passive=False)
 
     def _count(self, d: Delivery, *, passive: bool) -> Delivery:
         REPLIES.labels(CHANNEL, _route(d, passive=passive)).inc()

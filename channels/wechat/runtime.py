@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
 import httpx
@@ -93,12 +93,22 @@ def verify_echo(crypto: EnterpriseCrypto, query: Mapping[str, str]) -> web.Respo
     echo = query.get("echostr")
     if not echo:
         raise ApiError(400, "missing_parameter", "echostr is required for URL verification")
-    try:
+    with wecom_decrypt_errors(
+        other_corp="echostr was made for another corp id",
+        unreadable="cannot decrypt echostr; check the key",
+    ):
         plain = crypto.check_signature(sig, ts, nonce, echo)
+    return web.Response(text=str(plain))
+
+
+@contextlib.contextmanager
+def wecom_decrypt_errors(*, other_corp: str, unreadable: str) -> Iterator[None]:
+    """A failed WeCom decryption as the 403/400 that names its cause (the details given)."""
+    try:
+        yield
     except InvalidSignatureException as e:
         raise ApiError(403, "invalid_signature", "msg_signature does not match") from e
     except InvalidCorpIdException as e:
-        raise ApiError(403, "wrong_corp_id", "echostr was made for another corp id") from e
+        raise ApiError(403, "wrong_corp_id", other_corp) from e
     except Exception as e:
-        raise ApiError(400, "cannot_decrypt", "cannot decrypt echostr; check the key") from e
-    return web.Response(text=str(plain))
+        raise ApiError(400, "cannot_decrypt", unreadable) from e

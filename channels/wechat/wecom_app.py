@@ -15,18 +15,15 @@ import structlog
 from aiohttp import web
 from aiolimiter import AsyncLimiter
 from wechatpy.enterprise.crypto import WeChatCrypto as EnterpriseCrypto
-from wechatpy.enterprise.exceptions import InvalidCorpIdException
 from wechatpy.enterprise.parser import parse_message
-from wechatpy.exceptions import InvalidSignatureException
 
 from channels.base import ConversationRef, Delivery, ReplySink, StoredMessage
 from channels.http import ApiError
 from channels.wechat.api import WecomApi
-from channels.wechat.chunks import complete_length, split_text, utf8_len
 from channels.wechat.config import WecomAppSettings
-from channels.wechat.delivery import MAX_BYTES, send_pieces
+from channels.wechat.delivery import PieceStream, send_pieces
 from channels.wechat.inbound import normalize
-from channels.wechat.runtime import signed_params, verify_echo
+from channels.wechat.runtime import signed_params, verify_echo, wecom_decrypt_errors
 from channels.wechat.tokens import TokenStore
 from channels.wechat.xmlsafe import read_limited, safe_xml
 
@@ -80,14 +77,11 @@ class WecomApp:
         _, envelope = safe_xml(body)
         if not isinstance(envelope.get("Encrypt"), str):
             raise ApiError(400, "invalid_message", "a WeCom callback needs an <Encrypt> element")
-        try:
+        with wecom_decrypt_errors(
+            other_corp="the message is for another corp id",
+            unreadable="cannot decrypt; check the key",
+        ):
             inner = self.crypto.decrypt_message(envelope, sig, ts, nonce)
-        except InvalidSignatureException as e:
-            raise ApiError(403, "invalid_signature", "msg_signature does not match") from e
-        except InvalidCorpIdException as e:
-            raise ApiError(403, "wrong_corp_id", "the message is for another corp id") from e
-        except Exception as e:
-            raise ApiError(400, "cannot_decrypt", "cannot decrypt; check the key") from e
         text, raw = safe_xml(str(inner).encode("utf-8"))
         try:
             msg = parse_message(text)
@@ -138,41 +132,18 @@ class _AppSink(ReplySink):
     """Sends whole pieces as soon as they are complete, the rest when the answer is done."""
 
     def __init__(self, app: WecomApp, user: str) -> None:
-        self._app = app
-        self._user = user
-        self._streamed = ""
-        self._sent = ""
-        self._unsent_bytes = 0
-        self._ids: list[str] = []
-        self._failure: Delivery | None = None
+        self._pieces = PieceStream(
+            lambda text, ids: app.send_text(user, text, ids), channel="wecom", account=app.name
+        )
 
     async def push(self, delta: str) -> None:
-        self._streamed += delta
-        self._unsent_bytes += utf8_len(delta)
-        if self._unsent_bytes <= MAX_BYTES or self._failure is not None:
-            return  # cheap path for almost every delta
-        if not self._streamed.startswith(self._sent):
-            return
-        unsent = self._streamed[len(self._sent) :]
-        pieces = split_text(unsent[: complete_length(unsent)], MAX_BYTES)
-        for piece in pieces[:-1]:
-            d = await self._app.send_text(self._user, piece, self._ids)
-            if not d.ok:
-                self._failure = d
-                return
-            self._sent += piece
-            self._unsent_bytes -= utf8_len(piece)
+        if self._pieces.add(delta):
+            await self._pieces.send_full(self._pieces.full_pieces())
 
     async def finish(self, final_text: str) -> Delivery:
-        if self._failure is not None:
-            return self._failure
-        rest = final_text
-        if self._sent:
-            if final_text.startswith(self._sent):
-                rest = final_text[len(self._sent) :]
-            else:
-                log.warning("wecom_final_differs_from_stream", account=self._app.name)
-        return await self._app.send_text(self._user, rest, self._ids)
+        if self._pieces.failure is not None:
+            return self._pieces.failure
+        return await self._pieces.send(self._pieces.unsent(final_text))
 
     async def fail(self, reason: str) -> None:
         return None

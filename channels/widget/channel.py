@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -43,7 +42,7 @@ from channels.stream_cursor import StreamCursor
 from channels.widget import metrics
 from channels.widget.assets import Assets
 from channels.widget.config import WidgetSettings
-from channels.widget.identity import Identity, resolve_identity, valid_token, visitor_id
+from channels.widget.identity import Visitor, resolve_identity, valid_token, visitor_id
 from channels.widget.limits import ConnectionCounter, KeyedBuckets, client_ip
 from channels.widget.protocol import ProtocolError, Send, dumps, parse_send
 from channels.widget.sites import Site, Sites, cors_headers
@@ -59,17 +58,9 @@ HARD_FRAME_CAP = 1024 * 1024  # aiohttp closes the socket (1009) above this
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@dataclass(frozen=True, slots=True)
-class Visitor:
-    site: Site
-    id: str
-    identity: Identity
-    ip: str
-
-
 class WidgetChannel(Channel):
     name = CHANNEL
-    capabilities = Capabilities(typing=True)
+    capabilities = Capabilities(typing=True, event_bus_delivery=True)
 
     def __init__(self, settings: WidgetSettings) -> None:
         self.settings = settings

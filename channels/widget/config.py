@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from config_section import ConfigSection, matching
 
 SELF_ORIGIN = "self"  # pages served by swarmdesk itself (the demo shop at /)
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -14,10 +16,11 @@ _COLOUR_RE = re.compile(r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ImageKind = Literal["png", "jpeg", "gif", "webp"]
 IMAGE_KINDS: tuple[ImageKind, ...] = ("png", "jpeg", "gif", "webp")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+SiteKey = Annotated[str, matching(_KEY_RE, "use 1-64 letters, digits, '-' or '_'")]
+HexColour = Annotated[str, matching(_COLOUR_RE, "use a hex colour like '#2563eb'")]
+EnvName = Annotated[
+    str, matching(_ENV_RE, "name an environment variable (the secret itself never goes here)")
+]
 
 
 def check_origin(value: str) -> str:
@@ -41,15 +44,15 @@ def check_origin(value: str) -> str:
     return f"{parts.scheme}://{host.lower()}"
 
 
-class SiteSettings(_Section):
-    key: str = Field(description="public site key, in the script tag's data-site")
+class SiteSettings(ConfigSection):
+    key: SiteKey = Field(description="public site key, in the script tag's data-site")
     name: str = "Shop"
     allowed_origins: list[str] = Field(
         default_factory=list,
         description="origins whose pages may use this site key: 'https://shop.example.com', "
         "'https://*.example.com', or 'self' (pages served by swarmdesk)",
     )
-    identity_secret_env: str | None = Field(
+    identity_secret_env: EnvName | None = Field(
         None,
         description="environment variable with the HMAC-SHA256 key for verified shop user ids",
     )
@@ -68,37 +71,16 @@ class SiteSettings(_Section):
             "zh": ["我的订单到哪了？", "怎么退货？", "转人工客服"],
         }
     )
-    colour: str = "#2563eb"
+    colour: HexColour = "#2563eb"
     position: Literal["right", "left"] = "right"
     locale: Literal["auto", "en", "zh"] = Field(
         "auto", description="auto: the page's lang attribute, else the browser's language"
     )
 
-    @field_validator("key")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        if not _KEY_RE.match(v):
-            raise ValueError("use 1-64 letters, digits, '-' or '_'")
-        return v
-
     @field_validator("allowed_origins")
     @classmethod
     def _origins(cls, v: list[str]) -> list[str]:
         return [check_origin(o.strip().rstrip("/")) for o in v]
-
-    @field_validator("colour")
-    @classmethod
-    def _colour(cls, v: str) -> str:
-        if not _COLOUR_RE.match(v):
-            raise ValueError("use a hex colour like '#2563eb'")
-        return v
-
-    @field_validator("identity_secret_env")
-    @classmethod
-    def _env_name(cls, v: str | None) -> str | None:
-        if v is not None and not _ENV_RE.match(v):
-            raise ValueError("name an environment variable (the secret itself never goes here)")
-        return v
 
 
 def _demo_site() -> SiteSettings:
@@ -111,7 +93,7 @@ def _demo_site() -> SiteSettings:
     )
 
 
-class RateLimitSettings(_Section):
+class RateLimitSettings(ConfigSection):
     visitor_messages_per_minute: int = Field(20, ge=1)
     ip_messages_per_minute: int = Field(120, ge=1)
     ip_connections: int = Field(50, ge=1, description="open sockets/streams per IP address")
@@ -120,14 +102,14 @@ class RateLimitSettings(_Section):
     )
 
 
-class AttachmentSettings(_Section):
+class AttachmentSettings(ConfigSection):
     enabled: bool = True
     max_bytes: int = Field(5 * 1024 * 1024, gt=0, le=50 * 1024 * 1024)
     types: list[ImageKind] = Field(default_factory=lambda: list(IMAGE_KINDS))
     dir: str = Field("./swarmdesk-uploads/widget", description="where images are stored")
 
 
-class WidgetSettings(_Section):
+class WidgetSettings(ConfigSection):
     enabled: bool = True
     sites: list[SiteSettings] = Field(default_factory=lambda: [_demo_site()])
     demo_site: str | None = Field(

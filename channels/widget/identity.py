@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from channels.widget.sites import Site
+
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{22,128}$")
 _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_USER_ID = 128
@@ -49,6 +51,16 @@ class Identity:
             "identity": "verified" if self.verified else "anonymous",
             "widget_site": site_key,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Visitor:
+    """One browser on one site, as every transport (socket, SSE, POST) sees it."""
+
+    site: Site
+    id: str
+    identity: Identity
+    ip: str
 
 
 def resolve_identity(claim: object, secret: str | None) -> Identity:

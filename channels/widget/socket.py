@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from channels.base import ChannelHost
 from channels.replay import follow
 from channels.stream_cursor import StreamCursor
 from channels.widget import metrics
+from channels.widget.config import WidgetSettings
+from channels.widget.identity import Visitor
 from channels.widget.protocol import (
     ProtocolError,
     Send,
@@ -30,9 +33,6 @@ from channels.widget.protocol import (
 )
 from channels.widget.sites import Site
 
-if TYPE_CHECKING:
-    from channels.widget.channel import Visitor, WidgetChannel
-
 log = structlog.get_logger(__name__)
 
 HELLO_TIMEOUT_S = 15.0
@@ -41,10 +41,34 @@ CLOSE_BAD_HELLO = 4400  # fix the integration: the widget shows the reason and s
 CLOSE_RESYNC = 4409  # fell behind the live stream: reconnect and resume
 
 
+class SocketOwner(Protocol):
+    """What a session needs from the widget channel (WidgetChannel is one): the transports'
+    shared steps, so this module does not import the channel that imports it."""
+
+    @property
+    def settings(self) -> WidgetSettings: ...
+
+    @property
+    def host(self) -> ChannelHost: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    def visitor(self, site: Site, token: object, user: object, ip: str) -> Visitor: ...
+
+    async def visitor_conversation(
+        self, visitor: Visitor, conversation_id: int | None
+    ) -> int | None: ...
+
+    async def history_base(self, conversation_id: int) -> int: ...
+
+    async def accept(self, visitor: Visitor, send: Send) -> dict[str, Any]: ...
+
+
 class SocketSession:
     def __init__(
         self,
-        channel: WidgetChannel,
+        channel: SocketOwner,
         request: web.Request,
         ws: web.WebSocketResponse,
         site: Site,

@@ -6,67 +6,64 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from orchestration.llm.registry import ModelRegistry
 from orchestration.routing.decision import RoutingDecision, RoutingTrace
 from orchestration.routing.router import Router, describe_hit
 
+# The application's settings loader and model registry (bot.cli passes them in:
+# orchestration never imports bot).
+LoadSettings = Callable[[argparse.Namespace], Any]  # -> bot.settings.Settings
+OpenModels = Callable[[Any], AbstractAsyncContextManager[ModelRegistry]]
 
-def register_cli(subparsers: Any) -> None:
+
+def register_cli(subparsers: Any, *, load_settings: LoadSettings, open_models: OpenModels) -> None:
     """Add `route` and `eval-routing` to the `swarmdesk` command's subparsers."""
     r = subparsers.add_parser("route", help="route one message and explain the decision")
     r.add_argument("text", help="the shopper's message")
     r.add_argument("--llm", action="store_true", help="ask the cheap tier when unsure")
     r.add_argument("--sticky-tier", choices=["cheap", "premium"], help="the conversation's tier")
     r.add_argument("--json", action="store_true", help="print the decision as JSON only")
-    r.set_defaults(func=cmd_route)
+    r.set_defaults(func=partial(cmd_route, load_settings=load_settings, open_models=open_models))
 
     e = subparsers.add_parser("eval-routing", help="score the router on a labeled JSONL file")
     e.add_argument("file", help="JSONL: text, intents, tier, escalate per line")
     e.add_argument("--llm", action="store_true", help="ask the cheap tier when unsure")
     e.add_argument("--json", dest="json_out", metavar="OUT", help="write the figures here")
     e.add_argument("--mistakes", type=int, default=0, metavar="N", help="list the first N mistakes")
-    e.set_defaults(func=cmd_eval_routing)
+    e.set_defaults(
+        func=partial(cmd_eval_routing, load_settings=load_settings, open_models=open_models)
+    )
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Router]:
-    # Imported here: orchestration must not import bot at module level.
-    from bot.cli import _settings
-
-    settings = _settings(args)
+def _load(args: argparse.Namespace, load_settings: LoadSettings) -> tuple[Any, Router]:
+    settings = load_settings(args)
     return settings, Router(settings.routing)
 
 
-async def _with_models(settings: Any, run: Any) -> Any:
+async def _with_models(settings: Any, open_models: OpenModels, run: Any) -> Any:
     """Run `run(llm)` with a classifier over the configured cheap tier (or the simulator)."""
-    from orchestration.llm.registry import ModelRegistry
-    from orchestration.llm.simulator import Simulator, SimulatorConfig
     from orchestration.routing.llm import registry_classifier
 
-    sim: Simulator | None = None
-    if settings.uses_simulator():
-        sim = Simulator(SimulatorConfig(first_token_ms=5, tokens_per_second=2000))
-        url = await sim.start()
-        models = ModelRegistry.for_simulator(url, settings.simulator)
-    else:
-        models = ModelRegistry.from_settings(settings.live_providers(), settings.tiers)
-    try:
+    async with open_models(settings) as models:
         return await run(registry_classifier(models, max_tokens=settings.routing.llm_max_tokens))
-    finally:
-        await models.aclose()
-        if sim is not None:
-            await sim.stop()
 
 
-def cmd_route(args: argparse.Namespace) -> int:
-    settings, router = _load(args)
+def cmd_route(
+    args: argparse.Namespace, *, load_settings: LoadSettings, open_models: OpenModels
+) -> int:
+    settings, router = _load(args, load_settings)
 
     async def run(llm: Any) -> tuple[RoutingDecision, list[Any], RoutingTrace]:
         return await router.route_traced(args.text, sticky_tier=args.sticky_tier, llm=llm)
 
     if args.llm:
-        decision, records, trace = asyncio.run(_with_models(settings, run))
+        decision, records, trace = asyncio.run(_with_models(settings, open_models, run))
     else:
         decision, records, trace = asyncio.run(run(None))
     if args.json:
@@ -135,7 +132,9 @@ def explain(router: Router, d: RoutingDecision, trace: RoutingTrace, records: li
     return "\n".join(lines)
 
 
-def cmd_eval_routing(args: argparse.Namespace) -> int:
+def cmd_eval_routing(
+    args: argparse.Namespace, *, load_settings: LoadSettings, open_models: OpenModels
+) -> int:
     from orchestration.routing.evaluate import (
         LabeledFileError,
         evaluate,
@@ -143,7 +142,7 @@ def cmd_eval_routing(args: argparse.Namespace) -> int:
         load_labeled,
     )
 
-    settings, router = _load(args)
+    settings, router = _load(args, load_settings)
     try:
         rows = load_labeled(Path(args.file), router.labels)
     except LabeledFileError as e:
@@ -153,7 +152,7 @@ def cmd_eval_routing(args: argparse.Namespace) -> int:
     async def run(llm: Any) -> Any:
         return await evaluate(router, rows, llm)
 
-    report = asyncio.run(_with_models(settings, run) if args.llm else run(None))
+    report = asyncio.run(_with_models(settings, open_models, run) if args.llm else run(None))
     print(format_report(report, show_mistakes=args.mistakes))
     if args.json_out:
         Path(args.json_out).write_text(

@@ -17,8 +17,9 @@ from importlib import resources
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from config_section import ConfigSection
 from orchestration.routing.text import normalize_pattern
 
 BUILTIN_LABELS = (
@@ -35,11 +36,7 @@ BUILTIN_LABELS = (
 BUILTIN_FILE = "default_routing.yaml"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Matcher(_Section):
+class Matcher(ConfigSection):
     """Words and regular expressions, matched against the normalised message: lower case,
     traditional Chinese as simplified, full-width as half-width, Latin without diacritics.
     A Latin keyword matches whole words only ("hi" does not match "shipping")."""
@@ -72,7 +69,7 @@ class Matcher(_Section):
         return not self.keywords and not self.patterns
 
 
-class IntentSpec(_Section):
+class IntentSpec(ConfigSection):
     description: str = Field("", description="one line, shown to the LLM classifier")
     examples: list[str] = Field(
         default_factory=list, description="example shopper messages the classifier learns from"
@@ -121,7 +118,7 @@ class FaqSpec(Matcher):
         return self
 
 
-class SignalsSpec(_Section):
+class SignalsSpec(ConfigSection):
     """Cues for sentiment, escalation and tier; each list adds to the built-in one."""
 
     negation: Matcher = Field(
@@ -143,7 +140,7 @@ class SignalsSpec(_Section):
     advice: Matcher = Field(default_factory=Matcher, description="comparisons -> premium")
 
 
-class RoutingData(_Section):
+class RoutingData(ConfigSection):
     """What the router is built from (the built-in file has this shape)."""
 
     intents: dict[str, IntentSpec] = Field(default_factory=dict)

@@ -14,6 +14,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from orchestration.events import CallRecord
+from orchestration.language import language
 from orchestration.llm.types import LLMError
 from orchestration.routing.classifier import IntentClassifier
 from orchestration.routing.config import RoutingData, RoutingSettings
@@ -27,7 +28,7 @@ from orchestration.routing.matchers import (
     KeywordIndex,
     RuleHit,
 )
-from orchestration.routing.text import clauses, language, normalize, visible_length
+from orchestration.routing.text import clauses, normalize, visible_length
 
 _FAQ_WEIGHT = 4.0
 _FAQ_WEIGHT_ALONE = 10.0

@@ -18,14 +18,11 @@ from functools import lru_cache
 
 import opencc
 
+from orchestration.language import HAN_RE
+
 _T2S = opencc.OpenCC("t2s")
 _DIRECTIVE = re.compile(r"\[\[sim:[^\]]*\]\]")
 _SPACES = re.compile(r"\s+")
-_HAN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
-_KANA = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff]")
-_HANGUL = re.compile(r"[\uac00-\ud7af]")
-# Letters only Vietnamese uses (checked before diacritics are stripped).
-_VIET = re.compile(r"[ăâđêôơưạảấầẩẫậắằẳẵặẹẻẽếềểễệỉịọỏốồổỗộớờởỡợụủứừửữựỳỵỷỹ]", re.IGNORECASE)
 # Circled numbers and list bullets start a new question ("①... ②...").
 _LIST_MARK = re.compile(r"[\u2460-\u2473\u2776-\u277f•·]|(?:^|\s)\d[.)、]\s*")
 
@@ -60,7 +57,7 @@ def normalize(text: str) -> str:
     t = _DIRECTIVE.sub(" ", text)
     t = _LIST_MARK.sub("\n", t)
     t = unicodedata.normalize("NFKC", t)
-    if _HAN.search(t):
+    if HAN_RE.search(t):
         t = _T2S.convert(t)
     t = _fold_latin(t.lower())
     return _SPACES.sub(" ", t).strip()
@@ -69,22 +66,9 @@ def normalize(text: str) -> str:
 def normalize_pattern(pattern: str) -> str:
     """Normalise a configured keyword or regex the way messages are (regex syntax is ASCII)."""
     t = unicodedata.normalize("NFKC", pattern)
-    if _HAN.search(t):
+    if HAN_RE.search(t):
         t = _T2S.convert(t)
     return _fold_latin(t.lower())
-
-
-def language(text: str) -> str:
-    """A rough language tag of the raw text: ja, zh, ko, vi or en (for FAQ answers)."""
-    if _KANA.search(text):
-        return "ja"
-    if _HAN.search(text):
-        return "zh"
-    if _HANGUL.search(text):
-        return "ko"
-    if _VIET.search(text):
-        return "vi"
-    return "en"
 
 
 def visible_length(text: str) -> int:

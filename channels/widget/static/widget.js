@@ -19,34 +19,45 @@
   var SITE = D.site || '';
   var KEY = 'swarmdesk:' + SITE + ':';
 
+  // Each text in every language the widget speaks, side by side (LANGS order).
+  var LANGS = ['en', 'zh'];
   var TEXTS = {
-    en: {
-      open: 'Open chat', close: 'Close chat', message: 'Message', placeholder: 'Type your message…',
-      send: 'Send', attach: 'Attach an image', you: 'You', bot: 'Assistant', agent: 'Support agent',
-      system: 'Notice', typing: 'Assistant is typing', log: 'Chat messages',
-      suggestions: 'Suggestions', online: 'Online · we reply in seconds', connecting: 'Connecting…',
-      reconnecting: 'Reconnecting…', offline: 'Can’t reach the chat service.',
-      retryIn: 'Trying again in {n} s.', retryNow: 'Retry now', sending: 'Sending…',
-      queued: 'Will be sent when the connection is back', failed: 'Not sent: {why}', retry: 'Retry',
-      limited: 'Too many messages: sending again in {n} s', unread: '{n} unread',
-      refused: 'This chat isn’t available on this page.', tooBig: 'Images may be at most {n} MB.',
-      badType: 'Only images (PNG, JPEG, GIF or WebP) can be sent.',
-      uploadFailed: 'The image could not be uploaded.', imageFrom: 'Image from {who}'
-    },
-    zh: {
-      open: '打开在线客服', close: '关闭对话', message: '消息', placeholder: '请输入消息…',
-      send: '发送', attach: '发送图片', you: '我', bot: '智能助手', agent: '人工客服',
-      system: '通知', typing: '助手正在输入', log: '聊天记录',
-      suggestions: '常见问题', online: '在线 · 秒级回复', connecting: '正在连接…',
-      reconnecting: '正在重新连接…', offline: '暂时无法连接客服服务。',
-      retryIn: '{n} 秒后重试。', retryNow: '立即重试', sending: '发送中…',
-      queued: '网络恢复后自动发送', failed: '未发送：{why}', retry: '重试',
-      limited: '发送太频繁，{n} 秒后自动重发', unread: '{n} 条未读',
-      refused: '此页面暂不支持在线客服。', tooBig: '图片不能超过 {n} MB。',
-      badType: '只能发送图片（PNG、JPEG、GIF 或 WebP）。',
-      uploadFailed: '图片上传失败。', imageFrom: '{who}发送的图片'
-    }
+    open: ['Open chat', '打开在线客服'],
+    close: ['Close chat', '关闭对话'],
+    message: ['Message', '消息'],
+    placeholder: ['Type your message…', '请输入消息…'],
+    send: ['Send', '发送'],
+    attach: ['Attach an image', '发送图片'],
+    you: ['You', '我'],
+    bot: ['Assistant', '智能助手'],
+    agent: ['Support agent', '人工客服'],
+    system: ['Notice', '通知'],
+    typing: ['Assistant is typing', '助手正在输入'],
+    log: ['Chat messages', '聊天记录'],
+    suggestions: ['Suggestions', '常见问题'],
+    online: ['Online · we reply in seconds', '在线 · 秒级回复'],
+    connecting: ['Connecting…', '正在连接…'],
+    reconnecting: ['Reconnecting…', '正在重新连接…'],
+    offline: ['Can’t reach the chat service.', '暂时无法连接客服服务。'],
+    retryIn: ['Trying again in {n} s.', '{n} 秒后重试。'],
+    retryNow: ['Retry now', '立即重试'],
+    sending: ['Sending…', '发送中…'],
+    queued: ['Will be sent when the connection is back', '网络恢复后自动发送'],
+    failed: ['Not sent: {why}', '未发送：{why}'],
+    retry: ['Retry', '重试'],
+    limited: ['Too many messages: sending again in {n} s', '发送太频繁，{n} 秒后自动重发'],
+    unread: ['{n} unread', '{n} 条未读'],
+    refused: ['This chat isn’t available on this page.', '此页面暂不支持在线客服。'],
+    tooBig: ['Images may be at most {n} MB.', '图片不能超过 {n} MB。'],
+    badType: ['Only images (PNG, JPEG, GIF or WebP) can be sent.', '只能发送图片（PNG、JPEG、GIF 或 WebP）。'],
+    uploadFailed: ['The image could not be uploaded.', '图片上传失败。'],
+    imageFrom: ['Image from {who}', '{who}发送的图片']
   };
+  function textsIn(lang) {
+    var i = LANGS.indexOf(lang), out = {};
+    Object.keys(TEXTS).forEach(function (k) { out[k] = TEXTS[k][i]; });
+    return out;
+  }
 
   // -- small helpers -------------------------------------------------------------------------
 
@@ -88,7 +99,7 @@
   // -- state ---------------------------------------------------------------------------------
 
   var S = {
-    cfg: null, T: TEXTS.en, loc: 'en', token: null, conv: null,
+    cfg: null, T: textsIn('en'), loc: 'en', token: null, conv: null,
     wm: 0, seen: {}, streams: {}, outbox: [], typingSeq: null,
     open: load('open') === '1', unread: 0, readSeq: +(load('read') || 0),
     mode: D.transport === 'sse' ? 'sse' : 'ws', ws: null, es: null, connected: false,
@@ -153,7 +164,7 @@
     var lang = D.locale || (c.locale && c.locale !== 'auto' ? c.locale : '') ||
       document.documentElement.lang || navigator.language || 'en';
     S.loc = /^zh/i.test(lang) ? 'zh' : 'en';
-    S.T = TEXTS[S.loc];
+    S.T = textsIn(S.loc);
     var T = S.T;
     ui.panel.setAttribute('lang', S.loc === 'zh' ? 'zh-CN' : 'en');
     ui.title.textContent = pick(c.title) || T.bot;

@@ -10,15 +10,11 @@ knows are the demo shop's; anything else is summarised field by field.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-_TOKEN_RE = re.compile(
-    r"\s*(?:[A-Za-z0-9]{1,6}|[\u3400-\u4dbf\u4e00-\u9fff]{1,2}|[^\sA-Za-z0-9\u3400-\u4dbf\u4e00-\u9fff])"
-    r"|\s+"
-)
+from orchestration.language import mostly_chinese
 
 _ORDER_STATUS = {
     "pending_payment": ("awaiting payment", "待付款"),
@@ -42,17 +38,6 @@ _COUPON_STATUS = {
     "used": ("used", "已使用"),
 }
 _CLOSING = ("Is there anything else I can help with?", "请问还有什么可以帮您的吗？")
-
-
-def text_tokens(text: str) -> tuple[str, ...]:
-    """Model-like pieces of `text` (words, one or two hanzi, punctuation); they join to it."""
-    return tuple(_TOKEN_RE.findall(text))
-
-
-def mostly_chinese(text: str) -> bool:
-    han = sum(1 for c in text if "\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf")
-    latin = sum(1 for c in text if c.isascii() and c.isalpha())
-    return han > 0 and han * 3 >= latin
 
 
 # --- small formatters ---------------------------------------------------------------------

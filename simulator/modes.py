@@ -1,11 +1,11 @@
 """Replies of the simulator beyond canned text: tool calls, answers from tool results, JSON.
 
 - A request offering `tools` whose last message is the shopper's gets the tool calls a
-  model would make (simulator_tools), or a question for the id it needs, or plain text.
+  model would make (tool_choice), or a question for the id it needs, or plain text.
 - A request ending in `tool` messages gets an answer written from those results
-  (simulator_answers).
+  (tool_answers).
 - `response_format: {"type": "json_object"}` gets a classification of the last user
-  message (simulator_classify).
+  message (classify).
 
 `check_request` rejects malformed tool traffic the way OpenAI does, so a client that builds
 tool messages wrongly fails in tests instead of in production.
@@ -18,10 +18,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from orchestration.llm.simulator_answers import answer_from_results, ask_for, text_tokens
-from orchestration.llm.simulator_classify import classify
-from orchestration.llm.simulator_tools import PlannedCall, choose, tool_function
 from orchestration.llm.tokens import estimate_tokens
+from simulator.classify import classify
+from simulator.text import text_tokens
+from simulator.tool_answers import answer_from_results, ask_for
+from simulator.tool_choice import PlannedCall, choose, tool_function
 
 # Argument JSON streams in pieces of about this many characters (a token or two).
 _ARGUMENT_PIECE = 4

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from simulator.keywords import keyword_pattern
+
 # Topics, with the words that name them (English ones match whole words).
 _TOPICS: dict[str, tuple[str, ...]] = {
     "order": ("order", "orders", "purchase", "订单", "下单", "单号", "注文", "đơn hàng"),
@@ -115,19 +117,7 @@ class _Fit:
     missing: list[tuple[str, str, str]] = field(default_factory=list)  # (param, kind, desc)
 
 
-def _pattern(words: tuple[str, ...]) -> re.Pattern[str]:
-    ascii_words = sorted((w for w in words if w.isascii()), key=len, reverse=True)
-    other = sorted((w for w in words if not w.isascii()), key=len, reverse=True)
-    parts = []
-    if ascii_words:
-        alternation = "|".join(map(re.escape, ascii_words))
-        parts.append(rf"(?<![a-z0-9])(?:{alternation})(?![a-z0-9])")
-    if other:
-        parts.append("(?:" + "|".join(map(re.escape, other)) + ")")
-    return re.compile("|".join(parts))
-
-
-_TOPIC_RES = {topic: _pattern(words) for topic, words in _TOPICS.items()}
+_TOPIC_RES = {topic: keyword_pattern(words) for topic, words in _TOPICS.items()}
 
 
 def topics(text: str) -> set[str]:

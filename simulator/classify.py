@@ -10,10 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from orchestration.routing.config import BUILTIN_LABELS
-
-# The labels a model is asked to choose from (the router's built-in set).
-LABELS = BUILTIN_LABELS
+from simulator.keywords import keyword_pattern
 
 # English entries match whole words; the others match anywhere (CJK has no spaces).
 _KEYWORDS: dict[str, tuple[str, ...]] = {
@@ -97,6 +94,10 @@ _KEYWORDS: dict[str, tuple[str, ...]] = {
     ),
 }  # fmt: skip
 
+# The labels it answers with (the router's built-in set), in the order that breaks ties
+# between intents found at the same place: the keyword labels, then "other".
+LABELS = (*_KEYWORDS, "other")
+
 # Question words that, with no other clue, most often ask about a product's details.
 _PRODUCT_QUESTION = (
     "how many", "how big", "how long", "how heavy", "what's the", "what is the", "does the",
@@ -139,25 +140,14 @@ _CALCULATION = (
 _NEGATIONS = ("不是", "没有要", "not a ", "not to ", "no ")
 
 
-def _pattern(words: tuple[str, ...]) -> re.Pattern[str]:
-    ascii_words = sorted((w for w in words if w.isascii()), key=len, reverse=True)
-    other = sorted((w for w in words if not w.isascii()), key=len, reverse=True)
-    parts = []
-    if ascii_words:
-        parts.append(r"(?<![a-z0-9])(?:" + "|".join(map(re.escape, ascii_words)) + r")(?![a-z0-9])")
-    if other:
-        parts.append("(?:" + "|".join(map(re.escape, other)) + ")")
-    return re.compile("|".join(parts))
-
-
-_LABEL_RES = {label: _pattern(words) for label, words in _KEYWORDS.items()}
-_WEAK_ORDER_RE = _pattern(_WEAK_ORDER)
-_PRODUCT_QUESTION_RE = _pattern(_PRODUCT_QUESTION)
-_ANGRY_RE = _pattern(_ANGRY)
-_NEGATIVE_RE = _pattern(_NEGATIVE)
-_POSITIVE_RE = _pattern(_POSITIVE)
-_LEGAL_RE = _pattern(_LEGAL)
-_CALCULATION_RE = _pattern(_CALCULATION)
+_LABEL_RES = {label: keyword_pattern(words) for label, words in _KEYWORDS.items()}
+_WEAK_ORDER_RE = keyword_pattern(_WEAK_ORDER)
+_PRODUCT_QUESTION_RE = keyword_pattern(_PRODUCT_QUESTION)
+_ANGRY_RE = keyword_pattern(_ANGRY)
+_NEGATIVE_RE = keyword_pattern(_NEGATIVE)
+_POSITIVE_RE = keyword_pattern(_POSITIVE)
+_LEGAL_RE = keyword_pattern(_LEGAL)
+_CALCULATION_RE = keyword_pattern(_CALCULATION)
 
 
 def _first_hit(pattern: re.Pattern[str], text: str) -> int | None:

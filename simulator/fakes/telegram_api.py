@@ -9,7 +9,7 @@ second get 429 with `retry_after`; a call during that pause is 429 again and rec
 violation. Every call is recorded (`calls`) for assertions. Faults can be queued
 (`fail_next`). `UpdateFactory` builds the Updates Telegram would post to a webhook.
 
-Standalone (benchmarks): `python -m tests.fakes.telegram_api --port 8091`; GET /_fake/calls
+Standalone (benchmarks): `python -m simulator.fakes.telegram_api --port 8091`; GET /_fake/calls
 returns the recorded calls as JSON.
 """
 
@@ -680,10 +680,10 @@ async def _params(request: web.Request) -> dict[str, Any]:
             for key, value in form.items():
                 params[key] = value if isinstance(value, str) else "<file>"
     for key in ("reply_parameters", "link_preview_options", "allowed_updates", "entities"):
-        value = params.get(key)
-        if isinstance(value, str):
+        encoded = params.get(key)
+        if isinstance(encoded, str):
             try:
-                params[key] = json.loads(value)
+                params[key] = json.loads(encoded)
             except ValueError:
                 pass
     for key in ("drop_pending_updates", "disable_notification"):

@@ -1,0 +1,231 @@
+"""The conversation worker: answers one stored message (the work queue calls it, one
+message of a conversation at a time, in order). Reserve the answer, ask orchestration,
+stream the reply through the channel's sink, store the final answer, deliver it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import structlog
+
+from bot import metrics
+from bot.pipeline.outbox import handoff_card
+from bot.pipeline.parts import Parts
+from channels.base import Channel, ConversationEvent, ConversationRef, ReplySink, message_event
+from orchestration.config import ReplySettings
+from orchestration.events import CallRecord, ConversationInfo, Delta, Escalate, Final, Turn
+from orchestration.orchestrator import Orchestrator
+from storage import answers
+from storage.answers import Answering, NotAnswering
+from storage.models import Direction, MessageStatus, Sender
+from storage.rows import HistoryRow
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Reply:
+    """What the worker gathered from one orchestration stream."""
+
+    final: Final | None = None
+    escalate: Escalate | None = None
+    first_delta_s: float | None = None
+    deltas: int = 0
+
+
+class TurnWorker:
+    def __init__(self, parts: Parts, orchestrator: Orchestrator, reply: ReplySettings) -> None:
+        self.parts = parts
+        self.db, self.hub, self.channels = parts.db, parts.hub, parts.channels
+        self.orchestrator = orchestrator
+        self.reply_settings = reply
+
+    async def handle(self, conversation_id: int, message_id: int) -> None:
+        """Answer one stored inbound message (called by the work queue, in order)."""
+        structlog.contextvars.bind_contextvars(conversation_id=conversation_id)
+        try:
+            await self._handle(conversation_id, message_id)
+        finally:
+            structlog.contextvars.unbind_contextvars("conversation_id")
+
+    async def _handle(self, conversation_id: int, message_id: int) -> None:
+        view, prepared = self.parts.prepared.take(message_id)
+        begun: Answering | NotAnswering | None = prepared
+        if begun is None or view is None:
+            begun = await self.db.write(
+                partial(
+                    answers.begin_answer,
+                    conversation_id=conversation_id,
+                    message_id=message_id,
+                    history_limit=self.reply_settings.history_messages,
+                    trusted_channels=self.parts.trusted_channels,
+                    with_inbound=view is None,
+                ),
+                urgent=True,
+            )
+        if isinstance(begun, NotAnswering):
+            if begun.human_channel is not None:
+                metrics.REPLIES.labels(begun.human_channel, "human").inc()
+            return
+        if view is None:
+            view = begun.inbound
+        assert view is not None
+        conv = begun.conversation
+        info = ConversationInfo(
+            conv.id,
+            conv.channel,
+            begun.tier,
+            spent=begun.cost_total,
+            verified=conv.channel in self.parts.trusted_channels
+            or bool((begun.contact_attributes or {}).get("verified")),
+            degraded_answers=sum(
+                1 for m in begun.history if m.sender == Sender.BOT.value and m.degraded
+            ),
+        )
+        history = [_turn(m) for m in begun.history]
+        question = Turn("user", begun.question.text)
+
+        channel = self.channels[conv.channel]
+        sink = channel.open_reply(conv, view)
+        started = time.monotonic()
+        metrics.IN_FLIGHT.inc()
+        try:
+            reply, calls = await self._stream(
+                conv, begun.seq, channel, sink, info, history, question, started
+            )
+        finally:
+            metrics.IN_FLIGHT.dec()
+        await self._finish(begun, channel, reply, calls, started, sink)
+
+    async def _stream(
+        self,
+        conv: ConversationRef,
+        seq: int,
+        channel: Channel,
+        sink: ReplySink,
+        info: ConversationInfo,
+        turns: list[Turn],
+        question: Turn,
+        started: float,
+    ) -> tuple[_Reply, list[CallRecord]]:
+        reply = _Reply()
+        calls: list[CallRecord] = []
+        # (A channel whose clients read the event bus needs no deltas pushed to its sink.)
+        push = None if channel.capabilities.event_bus_delivery else sink.push
+        self.hub.publish(ConversationEvent(conv.id, "typing", seq))
+        try:
+            await sink.typing()
+            async for ev in self.orchestrator.reply(info, turns, question):
+                if isinstance(ev, Delta):
+                    if reply.first_delta_s is None:
+                        reply.first_delta_s = time.monotonic() - started
+                        metrics.FIRST_DELTA.labels(conv.channel).observe(reply.first_delta_s)
+                    self.hub.publish(
+                        ConversationEvent(conv.id, "delta", seq, reply.deltas, {"text": ev.text})
+                    )
+                    reply.deltas += 1
+                    if push is not None:
+                        await push(ev.text)
+                elif isinstance(ev, CallRecord):
+                    calls.append(ev)
+                elif isinstance(ev, Final):
+                    reply.final = ev
+                elif isinstance(ev, Escalate):
+                    reply.escalate = ev
+        except asyncio.CancelledError:
+            raise  # shutdown: the answer stays STREAMING and is redone after restart
+        except Exception:
+            log.exception("orchestration_raised")
+        if reply.final is None:
+            reply.final = Final(text=self.reply_settings.fallback_text, degraded=True)
+            reply.escalate = reply.escalate or Escalate("internal_error")
+        return reply, calls
+
+    async def _finish(
+        self,
+        begun: Answering,
+        channel: Channel,
+        reply: _Reply,
+        calls: list[CallRecord],
+        started: float,
+        sink: ReplySink,
+    ) -> None:
+        conv, out_id = begun.conversation, begun.out_id
+        final = reply.final
+        assert final is not None
+        # A channel that delivers nothing (its clients read the event bus): storing the
+        # answer is its delivery, recorded in the same transaction.
+        delivered = channel.capabilities.event_bus_delivery
+        handoff = None
+        if reply.escalate is not None:
+            e = reply.escalate
+            handoff = (e.reason, handoff_card(e.detail, e.card))
+        row = await self.db.write(
+            partial(
+                answers.finish_answer,
+                a=answers.FinalAnswer(
+                    conversation_id=conv.id,
+                    inbound_id=begun.question.id,
+                    out_id=out_id,
+                    out_seq=begun.seq,
+                    out_created_at=begun.out_created_at,
+                    text=final.text,
+                    calls=[_call_fields(c) for c in calls],
+                    model=f"{final.provider}/{final.model}" if final.model else None,
+                    tier=final.tier,
+                    first_delta_ms=(
+                        round(reply.first_delta_s * 1000, 2) if reply.first_delta_s else None
+                    ),
+                    latency_ms=round((time.monotonic() - started) * 1000, 2),
+                    routing=final.routing or None,
+                    delivered=delivered,
+                    handoff=handoff,
+                ),
+            )
+        )
+        for c in calls:
+            metrics.LLM_CALLS.labels(c.provider, c.model, c.outcome).inc()
+            metrics.LLM_TOKENS.labels(c.provider, c.model, "input").inc(c.input_tokens)
+            metrics.LLM_TOKENS.labels(c.provider, c.model, "output").inc(c.output_tokens)
+            metrics.LLM_COST.labels(c.provider, c.model).inc(c.cost)
+        if row.status == MessageStatus.ABANDONED.value:
+            # A human took over while the bot was writing: never talk over them.
+            self.hub.publish(message_event(row))
+            await sink.fail("human took over")
+            metrics.REPLIES.labels(conv.channel, "abandoned").inc()
+            return
+        if handoff is not None:
+            log.info("handoff_requested", conversation_id=conv.id, reason=handoff[0])
+        self.hub.publish(message_event(row))
+        metrics.REPLY_TIME.labels(conv.channel).observe(time.monotonic() - started)
+        metrics.REPLIES.labels(conv.channel, "degraded" if final.degraded else "model").inc()
+        if not delivered:
+            await self.parts.outbox.deliver(out_id, conv.id, lambda: sink.finish(final.text))
+
+
+def _turn(m: HistoryRow) -> Turn:
+    role = "user" if m.direction == Direction.IN.value else "assistant"
+    return Turn(role, m.text, m.sender)
+
+
+def _call_fields(c: CallRecord) -> dict[str, Any]:
+    return {
+        "provider": c.provider,
+        "model": c.model,
+        "tier": c.tier,
+        "specialist": c.specialist,
+        "purpose": c.purpose,
+        "intent": c.intent,
+        "first_token_ms": c.first_token_ms,
+        "latency_ms": c.latency_ms,
+        "input_tokens": c.input_tokens,
+        "output_tokens": c.output_tokens,
+        "usage_estimated": c.usage_estimated,
+        "cost": c.cost,
+        "outcome": c.outcome,
+        "error": c.error,
+    }

@@ -1,0 +1,201 @@
+"""Storing what a shopper sends: the message (and its contact and conversation when they are
+new), optionally the answer's reservation in the same transaction; redelivery lookups and
+edits. Units for storage.executor (plain functions of a `Connection`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from storage.answers import Answering, history, reserve
+from storage.models import MessageStatus, utcnow
+from storage.rows import ConversationNotFound, Duplicate, NewMessage, StoredMessage
+from storage.statements import (
+    ALLOCATE_SEQ_FOR_CONTACT,
+    BOT,
+    BUSY,
+    CONTACT_AND_OPEN_CONVERSATION,
+    CONTACTS,
+    CONVERSATIONS,
+    MESSAGE_COLUMNS,
+    MESSAGES,
+    NAMED_CONVERSATION,
+    SET_CONTACT,
+    C,
+    M,
+    allocate_seq,
+    insert_message,
+)
+
+
+@dataclass(slots=True)
+class InboundTarget:
+    """Where an inbound message goes: the contact, and the conversation if the client named
+    one (else the contact's open conversation in this chat, or a new one)."""
+
+    channel: str
+    account: str
+    chat_id: str
+    user_id: str
+    user_name: str | None
+    conversation_id: int | None
+    contact_attributes: dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class Prepare:
+    """Reserve the answer right away when nothing else of the conversation is waiting."""
+
+    history_limit: int
+    trusted_channels: frozenset[str]
+
+
+def store_inbound(
+    conn: Connection, target: InboundTarget, m: NewMessage, prepare: Prepare | None = None
+) -> tuple[StoredMessage, int, Answering | None]:
+    """Store a shopper's message: (the stored row, the contact id, the reserved answer).
+
+    With `prepare`, the answer is reserved in the same transaction (what
+    `answers.begin_answer` would do) when the bot owns the conversation and nothing else of
+    it is waiting or being answered: the worker then starts the model call without a
+    database round trip first.
+
+    Raises ConversationNotFound for a named conversation that isn't the contact's, and
+    IntegrityError when the external id is stored already (a redelivery: see
+    `find_by_external_id`); the caller's transaction rolls back either way.
+    """
+    stored, contact_id = _store(conn, target, m)
+    if prepare is None:
+        return stored, contact_id, None
+    cid = stored.conversation_id
+    rows = history(conn, cid, stored.id, prepare.history_limit)
+    # An earlier message still waiting (or being answered: its question waits until then)
+    # shows in the history, unless the history is cut off by the limit: then ask.
+    if any(r[5] == MessageStatus.RECEIVED.value for r in rows[1:]) or (
+        len(rows) >= prepare.history_limit
+        and conn.execute(BUSY, {"b_conversation": cid, "b_message": stored.id}).first()
+    ):
+        return stored, contact_id, None
+    answering = reserve(
+        conn, cid, stored.id, rows, prepare.trusted_channels, inbound=stored, reuse=False
+    )
+    return stored, contact_id, answering if isinstance(answering, Answering) else None
+
+
+def _store(conn: Connection, target: InboundTarget, m: NewMessage) -> tuple[StoredMessage, int]:
+    now = utcnow()
+    attributes: dict[str, Any] | None
+    who = {"b_channel": target.channel, "b_account": target.account, "b_user": target.user_id}
+    if target.conversation_id is not None and not target.contact_attributes:
+        taken = conn.execute(
+            ALLOCATE_SEQ_FOR_CONTACT, {"b_id": target.conversation_id, "updated_at": now, **who}
+        ).first()
+        if taken is None:
+            raise ConversationNotFound(target.conversation_id)
+        seq, contact_id = taken
+        stored = insert_message(
+            conn, target.conversation_id, seq, target.channel, target.account, m, now
+        )
+        return stored, int(contact_id)
+    if target.conversation_id is not None:
+        row = conn.execute(NAMED_CONVERSATION, {"b_id": target.conversation_id, **who}).first()
+        if row is None:
+            raise ConversationNotFound(target.conversation_id)
+        conversation_id, (contact_id, attributes) = target.conversation_id, row
+    else:
+        who["b_chat"] = target.chat_id
+        contact_id, attributes, open_id = _contact_and_open_conversation(conn, target, who, now)
+        conversation_id = open_id if open_id is not None else _open(conn, target, contact_id, now)
+    if target.contact_attributes:
+        # The latest says who the contact is now (e.g. verified or anonymous).
+        merged = {**(attributes or {}), **target.contact_attributes}
+        conn.execute(SET_CONTACT, {"b_id": contact_id, "attributes": merged})
+    seq = allocate_seq(conn, conversation_id, now)
+    stored = insert_message(conn, conversation_id, seq, target.channel, target.account, m, now)
+    return stored, int(contact_id)
+
+
+def _contact_and_open_conversation(
+    conn: Connection, target: InboundTarget, who: dict[str, Any], now: datetime
+) -> tuple[int, dict[str, Any] | None, int | None]:
+    """(contact id, its attributes, its latest unresolved conversation in this chat)."""
+    row = conn.execute(CONTACT_AND_OPEN_CONVERSATION, who).first()
+    if row is not None:
+        return int(row[0]), row[1], row[2]
+    # A new contact. Another replica may create it at the same moment (PostgreSQL): the
+    # savepoint keeps our transaction usable, and we take theirs.
+    try:
+        with conn.begin_nested():
+            key = conn.execute(
+                insert(CONTACTS).values(
+                    channel=target.channel,
+                    account=target.account,
+                    external_id=target.user_id,
+                    display_name=target.user_name,
+                    attributes={},
+                    created_at=now,
+                )
+            ).inserted_primary_key
+        assert key is not None
+        return int(key[0]), {}, None
+    except IntegrityError:
+        pass
+    row = conn.execute(CONTACT_AND_OPEN_CONVERSATION, who).one()
+    return int(row[0]), row[1], row[2]
+
+
+def _open(conn: Connection, target: InboundTarget, contact_id: int, now: datetime) -> int:
+    key = conn.execute(
+        insert(CONVERSATIONS).values(
+            contact_id=contact_id,
+            channel=target.channel,
+            account=target.account,
+            chat_id=target.chat_id,
+            owner=BOT,
+            last_seq=0,
+            cost_total=0.0,
+            created_at=now,
+            updated_at=now,
+        )
+    ).inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+def find_by_external_id(
+    conn: Connection, channel: str, account: str, external_id: str
+) -> Duplicate | None:
+    row = conn.execute(
+        select(M.id, M.conversation_id, C.contact_id, M.seq)
+        .join_from(MESSAGES, CONVERSATIONS, C.id == M.conversation_id)
+        .where(M.channel == channel, M.account == account, M.external_id == external_id)
+    ).first()
+    return Duplicate(*row) if row is not None else None
+
+
+def record_edit(
+    conn: Connection, channel: str, account: str, external_id: str, text: str
+) -> StoredMessage | None:
+    """The shopper edited an earlier message: its new text, the old one kept in `raw`."""
+    row = conn.execute(
+        select(M.id, M.text, M.raw).where(
+            M.channel == channel, M.account == account, M.external_id == external_id
+        )
+    ).first()
+    if row is None:
+        return None
+    message_id, previous, raw = row
+    raw = dict(raw or {})
+    raw["edits"] = [*raw.get("edits", []), {"previous_text": previous, "at": utcnow().isoformat()}]
+    updated = conn.execute(
+        update(MESSAGES)
+        .where(M.id == message_id)
+        .values(text=text, raw=raw)
+        .returning(*MESSAGE_COLUMNS)
+    ).one()
+    return StoredMessage(*updated)
