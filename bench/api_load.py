@@ -193,6 +193,8 @@ class ApiLoad:
             "contact_id": conv.contact,
             "text": f"{msg.text} [[sim:tag={client_id}]]" if self.tag_model_calls else msg.text,
             "client_message_id": client_id,
+            # Signed in as the demo shop's shopper, so order questions reach the order tools.
+            "shop_user_id": "demo-shopper",
         }
         if conv.id is not None:
             body["conversation_id"] = conv.id

@@ -16,6 +16,8 @@ def base_service_config(port: int, db_url: str) -> dict[str, Any]:
         "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": 5},
         "database": {"url": db_url},
         "log": {"format": "json", "level": "warning"},
+        # A simulator provider makes this a real deployment: keep the demo's parts on.
+        "demo": {"allow": ["demo_shop", "demo_tools", "demo_site", "builtin_faq"]},
     }
 
 

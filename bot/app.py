@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hmac
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -16,22 +17,26 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot import metrics
+from bot import metrics, safety
+from bot.console.api import AgentApi
+from bot.console.assets import register_console_assets
+from bot.console.webhooks import Webhooks, missing_secrets
 from bot.demo_shop import build_demo_shop_app
 from bot.hub import Hub
 from bot.models import open_models
 from bot.pipeline import Pipeline
 from bot.pipeline.host import Host
-from bot.settings import Settings
+from bot.settings import ConfigError, Settings
 from bot.workqueue import InProcessQueue
 from channels import api, telegram, wechat, widget
 from channels.base import Channel
-from channels.http import error_response, json_errors
+from channels.http import ApiError, error_response, json_errors
 from orchestration.llm.registry import ModelRegistry
 from orchestration.orchestrator import Orchestrator
 from orchestration.resilience import Guards
 from orchestration.routing import Router, registry_classifier
 from orchestration.runner import ModelRunner
+from orchestration.summary import registry_summariser
 from orchestration.tools import ToolRunner
 from storage import db, executor
 from storage.ledger import spent_since
@@ -82,6 +87,7 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
         *api.build(settings.channels.api, server_host=settings.server.host),
         *telegram.build(settings.channels.telegram),
         *wechat.build(settings.channels.wechat),
+        *wechat.build_kf(settings.channels.wecom_kf),
         *widget.build(settings.channels.widget),
     ):
         channels[ch.name] = ch
@@ -119,11 +125,26 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     start = datetime(today.year, today.month, today.day, tzinfo=UTC)
     orchestrator.budgets.seed(today, await database.read(partial(spent_since, since=start)))
     queue = InProcessQueue(settings.worker.max_concurrent_conversations)
-    pipeline = Pipeline.build(database, Hub(), queue, orchestrator, channels, settings.reply)
+    pipeline = Pipeline.build(
+        database,
+        Hub(),
+        queue,
+        orchestrator,
+        channels,
+        settings.reply,
+        summarise=registry_summariser(models),
+    )
     pipeline.start()
     for ch in channels.values():
         ch.register(app, pipeline.host)
         await ch.start()
+    agent_api = AgentApi(pipeline, settings.console)
+    agent_api.register(app)
+    gauges = asyncio.create_task(agent_api.watch_gauges())
+    if missing := missing_secrets(settings.console.webhooks):
+        raise RuntimeError(f"set {', '.join(missing)}: the webhooks' signing secrets")
+    webhooks = Webhooks(settings.console.webhooks, pipeline.hub, database)
+    webhooks.start()
     services = Services(
         settings,
         engine,
@@ -159,6 +180,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     finished = await queue.drain(settings.server.shutdown_grace_seconds)
     if not finished:
         log.warning("shutdown_grace_exceeded", detail="unfinished answers resume at next start")
+    gauges.cancel()
+    await webhooks.close()
     for ch in channels.values():
         await ch.close()
     await tools.aclose()
@@ -192,14 +215,46 @@ async def readyz(request: web.Request) -> web.Response:
             "migrations_pending",
             f"database at {sorted(current)}, code at {sorted(heads)}; run 'swarmdesk db upgrade'",
         )
-    return web.json_response({"status": "ready", "migration": sorted(current)})
+    return web.json_response(
+        {
+            "status": "ready",
+            "migration": sorted(current),
+            "providers": _providers(services.settings),
+        }
+    )
 
 
-async def metrics_view(request: web.Request) -> web.Response:
+def _providers(settings: Settings) -> dict[str, str]:
+    """Each configured provider: usable, or what it lacks; the simulator when it answers."""
+    usable = {p.name for p in settings.live_providers()}
+    out = {
+        p.name: "usable" if p.name in usable else f"unusable: {p.api_key_env} is not set"
+        for p in settings.providers
+    }
+    if settings.uses_simulator():
+        out["simulator"] = "usable (demo: the built-in model simulator answers)"
+    return out
+
+
+async def metrics_view(request: web.Request, *, token: str | None) -> web.Response:
+    if token is not None:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), token.encode()):
+            raise ApiError(
+                401, "unauthorized", "send the metrics token: Authorization: Bearer <token>"
+            )
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def build_app(settings: Settings) -> web.Application:
+    """Raises ConfigError when the configuration may not serve real shoppers (bot/safety.py)."""
+    refused = safety.problems(settings)
+    if refused:
+        raise ConfigError(
+            "this configuration may not serve shoppers:\n" + "\n".join(f"  - {p}" for p in refused)
+        )
+    for note in safety.warnings(settings):
+        log.warning("unsafe_exposure", detail=note)
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[json_errors])
     app[SETTINGS] = settings
     # Channel objects are built now (config errors surface before anything starts); they add
@@ -208,7 +263,8 @@ def build_app(settings: Settings) -> web.Application:
     app[CHANNELS] = build_channels(settings)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/metrics", partial(metrics_view, token=safety.metrics_token(settings)))
+    register_console_assets(app)
     if settings.demo_shop.enabled:
         app.add_subapp("/demo-shop", build_demo_shop_app(settings.server.max_body_bytes))
     app.cleanup_ctx.append(_services)

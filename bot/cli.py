@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import sys
 from importlib import resources
+from typing import Any
 
 from pydantic import ValidationError
 
 from bot import logging as logs
+from bot.console.cli import register_cli as register_agents_cli
 from bot.models import fast_models
 from bot.settings import ConfigError, Settings, load_settings
 from channels.telegram.cli import register_cli as register_telegram_cli
@@ -38,6 +40,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(settings.log.format, settings.log.level)
     try:
         asyncio.run(serve(settings))
+    except ConfigError as e:
+        print(f"swarmdesk: {e}\n(`swarmdesk config check` explains)", file=sys.stderr)
+        return 2
     except OSError as e:
         print(
             f"swarmdesk: cannot listen on {settings.server.host}:{settings.server.port}: {e}; "
@@ -95,6 +100,23 @@ def cmd_costs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _routing_examples(settings: Settings) -> list[dict[str, Any]]:
+    """What agents labeled in the console (storage/routing_examples.py), for `routing train`."""
+    from storage import db
+    from storage.routing_examples import training_lines
+
+    async def run() -> list[dict[str, Any]]:
+        engine = db.create_engine(settings.database.url)
+        try:
+            await db.upgrade(engine)
+            async with engine.connect() as conn:
+                return await conn.run_sync(training_lines)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
 def cmd_simulator(args: argparse.Namespace) -> int:
     logs.configure("auto", "info")
     simulator_cli.run(args)
@@ -147,7 +169,10 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("simulator", help="run the OpenAI-compatible model simulator")
     simulator_cli.add_arguments(m)
     m.set_defaults(func=cmd_simulator)
-    register_routing_cli(sub, load_settings=_settings, open_models=fast_models)
+    register_routing_cli(
+        sub, load_settings=_settings, open_models=fast_models, stored_examples=_routing_examples
+    )
+    register_agents_cli(sub, load_settings=_settings)
     register_telegram_cli(sub, load_settings=_settings, serve=cmd_serve)
     return p
 

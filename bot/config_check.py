@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from bot import safety
 from bot.settings import ConfigError, Settings, config_path, load_settings
 
 
@@ -72,16 +73,18 @@ def check(path: str | os.PathLike[str] | None) -> tuple[bool, str]:
         settings = load_settings(path)
     except (ConfigError, ValidationError) as e:
         return False, explain(e, path)
-    notes = [f"{p or 'built-in defaults'}: OK"]
-    for prov in settings.providers:
-        if prov.api_key_env and not os.environ.get(prov.api_key_env):
-            notes.append(
-                f"  note: providers[{prov.name}]: {prov.api_key_env} is not set; "
-                "this provider is skipped until it is"
-            )
-    if settings.uses_simulator():
-        notes.append("  note: no provider has a key: replies come from the built-in simulator")
-    elif "cheap" not in settings.tiers:
+    where = p or "built-in defaults"
+    refused = safety.problems(settings)
+    if refused:
+        lines = [f"{where}: may not serve shoppers ({len(refused)} problem(s)):"]
+        return False, "\n".join([*lines, *(f"  - {r}" for r in refused)])
+    notes = [f"{where}: OK"]
+    if safety.is_embedded_demo(settings):
+        notes.append(
+            "  note: the embedded demo (loopback, no providers): the model simulator, the demo "
+            "shop and its page answer; name a provider to serve real shoppers"
+        )
+    elif not settings.uses_simulator() and "cheap" not in settings.tiers:
         return False, f"{p}: tiers.cheap is missing: name the models that answer by default"
     api = settings.channels.api
     if api.enabled and not os.environ.get(api.api_key_env):
@@ -89,4 +92,12 @@ def check(path: str | os.PathLike[str] | None) -> tuple[bool, str]:
             f"  note: channels.api: {api.api_key_env} is not set; only the development key "
             "works, and only on a loopback address"
         )
+    notes += [f"  WARNING: {w}" for w in safety.warnings(settings)]
+    wechat = settings.channels.wechat
+    for acc in wechat.official_accounts if wechat.enabled else []:
+        if acc.mode() != "safe":
+            notes.append(
+                f"  WARNING: channels.wechat.official_accounts[{acc.name}]: {acc.mode()} mode "
+                "sends message bodies unsigned; use safe mode (encryption: safe, aes_key_env)"
+            )
     return True, "\n".join(notes)

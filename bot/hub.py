@@ -108,6 +108,16 @@ class HubSubscription:
                 yield event
 
 
+def owner_event(
+    conversation_id: int, owner: str, action: str, reason: str | None = None
+) -> ConversationEvent:
+    """A conversation's owner changed (for the console and the shop's webhooks)."""
+    data = {"conversation_id": conversation_id, "owner": owner, "action": action}
+    if reason is not None:
+        data["reason"] = reason
+    return ConversationEvent(conversation_id, "owner", 0, None, data)
+
+
 class Hub:
     def __init__(self, queue_size: int = 1000) -> None:
         self._subs: dict[int, set[HubSubscription]] = defaultdict(set)
@@ -136,6 +146,11 @@ class Hub:
             if not subs:
                 del self._subs[sub.conversation_id]
 
+    def forget_inflight(self, conversation_id: int) -> None:
+        """The answer streaming is being redone (a failed turn tried again): a client that
+        connects meanwhile gets the new try's text, not both tries' run together."""
+        self._inflight.pop(conversation_id, None)
+
     def inflight(self, conversation_id: int) -> tuple[int, list[str]] | None:
         cur = self._inflight.get(conversation_id)
         return (cur[0], list(cur[1])) if cur else None
@@ -161,9 +176,21 @@ class Hub:
         if subs:
             for sub in tuple(subs):  # a copy: an overflowing subscriber removes itself
                 sub.offer(event)
-        if self._all:
+        if self._all and event.durable:
+            # The console follows stored messages, not every answer's pieces.
             for sub in tuple(self._all):
                 sub.offer(event)
+
+    def signal(self, event: ConversationEvent) -> None:
+        """A passing hint for the conversation's clients (a person typing): no bookkeeping,
+        nothing replayed to a client that connects later."""
+        for sub in tuple(self._subs.get(event.conversation_id, ())):
+            sub.offer(event)
+
+    def announce(self, event: ConversationEvent) -> None:
+        """An event for the agent console only (`subscribe_all`): an owner change, a note."""
+        for sub in tuple(self._all):
+            sub.offer(event)
 
     def close_all(self) -> None:
         """On shutdown: end every stream so the server can stop."""

@@ -39,6 +39,21 @@ LLM_TOKENS = Counter(
 )
 LLM_COST = Counter("swarmdesk_llm_cost_total", "Money spent on models", ["provider", "model"])
 IN_FLIGHT = Gauge("swarmdesk_replies_in_flight", "Answers being written right now")
+OWNER_CHANGES = Counter(
+    "swarmdesk_owner_changes_total",
+    "Agents' moves on conversations (claim, assign, unassign, resolve, handback)",
+    ["action"],
+)
+HANDOFFS = Counter("swarmdesk_handoffs_total", "Conversations handed to a person", ["reason"])
+WAITING = Gauge("swarmdesk_conversations_waiting", "Conversations waiting for a person now")
+SATISFACTION = Gauge(
+    "swarmdesk_satisfaction_average", "Average rating (1-5) of conversations rated in 24 h"
+)
+FIRST_HUMAN_REPLY = Histogram(
+    "swarmdesk_first_human_reply_seconds",
+    "From a handoff request to the first reply of a person",
+    buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400),
+)
 STREAM_CLIENTS = Gauge("swarmdesk_stream_clients", "Connected streaming clients (SSE/WebSocket)")
 
 # What makes a busy process answer late, for the tail of the latencies above.

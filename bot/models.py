@@ -1,5 +1,6 @@
-"""The models the service talks to: the configured providers, or, when no LLM key is set,
-the built-in simulator started in this process (the service and `swarmdesk route --llm`)."""
+"""The models the service talks to: the configured providers, or the built-in simulator
+started in this process when no provider is usable — the embedded demo, or a deployment that
+allows it by name (bot/safety.py decides; the service and `swarmdesk route --llm`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import structlog
 
-from bot.settings import Settings
+from bot import safety
+from bot.settings import ConfigError, Settings
 from orchestration.llm.registry import ModelRegistry
 from simulator.config import SimulatorConfig
 from simulator.server import Simulator
@@ -37,11 +39,17 @@ async def open_models(
         models = ModelRegistry.for_simulator(base_url, s)
         log.warning(
             "model_simulator",
-            detail="no LLM key configured: answering with the built-in model simulator; set "
-            "a provider's api_key_env variable to use a real model",
+            detail="no provider configured: the built-in model simulator answers (the demo); "
+            "name a provider with its api_key_env to use a real model",
             url=base_url,
         )
     else:
+        dead = safety.unusable_tier_models(settings)
+        if dead:
+            raise ConfigError(
+                "tiers name models whose provider has no key: "
+                + "; ".join(f"{t}: {', '.join(refs)}" for t, refs in dead.items())
+            )
         models = ModelRegistry.from_settings(settings.live_providers(), settings.tiers)
         log.info("models", tiers={t: [e.ref for e in models.chain(t)] for t in models.tiers})
     try:

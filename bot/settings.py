@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from channels.api.config import ApiSettings
 from channels.telegram.config import TelegramSettings
 from channels.wechat.config import WechatSettings
+from channels.wechat.kf_config import WecomKfSettings
 from channels.widget.config import WidgetSettings
 from config_section import ConfigSection
 from orchestration.config import (
@@ -71,6 +72,7 @@ class ChannelsSettings(ConfigSection):
     api: ApiSettings = Field(default_factory=ApiSettings)
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     wechat: WechatSettings = Field(default_factory=WechatSettings)
+    wecom_kf: WecomKfSettings = Field(default_factory=WecomKfSettings)
     widget: WidgetSettings = Field(default_factory=WidgetSettings)
 
 
@@ -86,6 +88,101 @@ class WorkerSettings(ConfigSection):
 class DemoShopSettings(ConfigSection):
     enabled: bool = Field(
         True, description="serve the sample shop backend (orders, tracking, ...) under /demo-shop"
+    )
+
+
+WebhookEvent = Literal[
+    "handoff.requested",
+    "conversation.claimed",
+    "conversation.assigned",
+    "conversation.unassigned",
+    "conversation.resolved",
+    "conversation.handed_back",
+]
+
+
+DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = (
+    "handoff.requested",
+    "conversation.claimed",
+    "conversation.resolved",
+)
+
+
+class WebhookSettings(ConfigSection):
+    """A shop's endpoint told of handoffs and of what its people do (to page them...)."""
+
+    url: str = Field(description="https://... that receives POSTed JSON events")
+    secret_env: str = Field(description="environment variable holding the HMAC signing secret")
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS))
+    max_attempts: int = Field(6, ge=1, le=20)
+    retry_initial_seconds: float = Field(2.0, gt=0, description="then doubling, up to 5 min")
+
+
+class CannedReply(ConfigSection):
+    """A saved answer agents insert by its shortcut; {name} and {order_id} are filled in."""
+
+    shortcut: str = Field(pattern=r"^[\w-]{1,32}$", description="what an agent types after /")
+    text: str
+    language: str = Field("any", description="en, zh, ... or any")
+
+
+class ConsoleSettings(ConfigSection):
+    waiting_alert_seconds: float = Field(
+        300.0, gt=0, description="a conversation waiting longer for a person is flagged"
+    )
+    max_reply_chars: int = Field(4000, gt=0, description="longest reply or note of an agent")
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
+    canned_replies: list[CannedReply] = Field(
+        default_factory=lambda: [
+            CannedReply(
+                shortcut="hello",
+                language="en",
+                text="Hi {name}, this is the support team. I'm looking into it now.",
+            ),
+            CannedReply(
+                shortcut="hello", language="zh", text="{name}您好，我是人工客服，正在为您处理。"
+            ),
+            CannedReply(
+                shortcut="order",
+                language="en",
+                text="I've checked order {order_id}; here is what I found: ",
+            ),
+            CannedReply(shortcut="order", language="zh", text="已为您查询订单 {order_id}："),
+        ]
+    )
+    satisfaction_channels: list[str] = Field(
+        default_factory=lambda: ["widget"],
+        description="channels whose shoppers are asked to rate (1-5) a resolved conversation",
+    )
+    satisfaction_question: str = (
+        "This conversation is closed. How satisfied are you with our help? Reply 1 (poor) to 5 "
+        "(excellent)."
+    )
+    satisfaction_question_zh: str = (
+        "本次会话已结束。请问您对我们的服务满意吗？回复 1（很差）到 5（很好）。"
+    )
+
+
+DemoPart = Literal["simulator", "demo_shop", "demo_tools", "demo_site", "builtin_faq"]
+
+
+class DemoSettings(ConfigSection):
+    """The demo runs on the embedded defaults (loopback, no providers). A deployment that is
+    not on loopback or names a provider refuses to start with demo parts still on, unless
+    they are named here (bot/safety.py says why each one matters)."""
+
+    allow: list[DemoPart] = Field(
+        default_factory=list,
+        description="demo parts a real deployment keeps on purpose: simulator, demo_shop, "
+        "demo_tools, demo_site, builtin_faq",
+    )
+
+
+class MetricsSettings(ConfigSection):
+    token_env: str | None = Field(
+        None,
+        description="environment variable with a bearer token /metrics then requires "
+        "(unset: /metrics is open, fine on loopback only)",
     )
 
 
@@ -120,6 +217,9 @@ class Settings(BaseSettings):
     resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     demo_shop: DemoShopSettings = Field(default_factory=DemoShopSettings)
+    demo: DemoSettings = Field(default_factory=DemoSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
     @classmethod
     def settings_customise_sources(

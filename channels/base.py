@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from aiohttp import web
 
@@ -20,6 +21,9 @@ from aiohttp import web
 # storage that builds them.
 from storage.rows import ConversationRef as ConversationRef
 from storage.rows import StoredMessage as StoredMessage
+
+if TYPE_CHECKING:
+    from storage.executor import Database
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,9 @@ class InboundMessage:
     answer: bool = True  # False: store only (an edit, an event with nothing to say)
     # Merged into the contact's attributes (the widget's verified shop identity, ...).
     contact_attributes: dict[str, Any] | None = None
+    # "agent": a person wrote it on the platform itself (a WeCom servicer): stored as an
+    # outgoing agent message, never answered.
+    sender: Literal["contact", "agent"] = "contact"
 
 
 class UnknownConversation(LookupError):
@@ -66,7 +73,8 @@ def message_event(message: StoredMessage) -> ConversationEvent:
     return ConversationEvent(message.conversation_id, kind, message.seq, None, message.as_json())
 
 
-EventType = Literal["message", "delta", "final", "error", "typing"]
+# "owner" and "note" go to the agent console only (Hub.announce), never to a shopper's stream.
+EventType = Literal["message", "delta", "final", "error", "typing", "owner", "note"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +124,11 @@ class ChannelHost(Protocol):
     @property
     def events(self) -> EventBus: ...
 
+    @property
+    def db(self) -> Database:
+        """For state a channel keeps itself (e.g. WeCom customer-service sync cursors)."""
+        ...
+
     async def ingest(self, message: InboundMessage) -> IngestResult: ...
 
     async def get_conversation(self, conversation_id: int) -> ConversationRef | None: ...
@@ -151,6 +164,16 @@ class ChannelHost(Protocol):
         False if a person owns or was already asked for the conversation."""
         ...
 
+    async def answer_not_delivered(self, question_id: int, detail: str) -> bool:
+        """The platform says later that the bot's answer to the stored message `question_id`
+        never reached the shopper: it is marked failed and a person is asked for."""
+        ...
+
+    async def platform_move(self, conversation_id: int, action: str, reason: str) -> bool:
+        """The platform moved the conversation between the bot and its people ("claim": a
+        servicer of the platform took it; "handback": they ended it). False if it was so."""
+        ...
+
     async def record_edit(self, channel: str, account: str, external_id: str, text: str) -> bool:
         """The shopper edited an earlier message: update its stored text (no new answer).
         False if the original is unknown."""
@@ -167,9 +190,6 @@ class Capabilities:
     # Its clients read the event bus (HTTP API, widget): its sink needs no deltas, and the
     # stored answer is its delivery (a NullSink).
     event_bus_delivery: bool = False
-    # The shop authenticates every caller server to server (HTTP API): a contact is who
-    # the caller says it is, so order tools may serve it.
-    verified_callers: bool = False
 
 
 @dataclass(slots=True)
@@ -182,6 +202,25 @@ class Delivery:
     detail: str = ""
 
 
+# Whether the bot may still send to the conversation it is answering: False once a person
+# took it over. Set by the pipeline for the answering task; a sink asks right before each
+# platform call (a call may wait long behind a rate limit or a Retry-After).
+_may_send: ContextVar[Callable[[], bool]] = ContextVar("may_send", default=lambda: True)
+
+
+def may_send() -> bool:
+    return _may_send.get()()
+
+
+class TakenOver(Exception):
+    """A person took the conversation over: the bot's send was not made."""
+
+
+def guard_sends(check: Callable[[], bool]) -> None:
+    """For the rest of the current task (and tasks it starts): sinks send while `check()`."""
+    _may_send.set(check)
+
+
 class ReplySink(abc.ABC):
     """Turns one reply stream into platform calls. Owns throttling, splitting and retries."""
 
@@ -191,6 +230,14 @@ class ReplySink(abc.ABC):
     @abc.abstractmethod
     async def push(self, delta: str) -> None:
         """A piece of text; the sink decides when the shopper sees it."""
+
+    def shown(self) -> bool:
+        """Whether any pushed text may have reached the shopper (a sink that holds text
+        back until a piece is sent says False until then)."""
+        return True
+
+    def retract(self) -> None:  # noqa: B027 - only for sinks whose shown() can be False
+        """Forget the text pushed so far; called only while shown() is False."""
 
     @abc.abstractmethod
     async def finish(self, final_text: str) -> Delivery:
@@ -230,8 +277,16 @@ class Channel(abc.ABC):
     async def send(self, conversation: ConversationRef, text: str, *, sender: str) -> Delivery:
         """A complete message from a human agent or the system."""
 
+    async def agent_typing(self, conversation: ConversationRef) -> None:  # noqa: B027
+        """A person is writing an answer in the console: show it where the platform can
+        (channels whose clients read the event bus get a typing event instead)."""
+
     async def start(self) -> None:  # noqa: B027 - most channels need no start-up work
         """Open clients, refresh tokens..."""
 
     async def close(self) -> None:  # noqa: B027
         """Close clients."""
+
+    async def handed_off(self, conversation: ConversationRef, reason: str) -> None:  # noqa: B027
+        """The bot handed the conversation to a person (after its last message went out): a
+        platform with a reception of its own moves the chat there."""

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from channels.base import ChannelHost, ConversationEvent
+from channels.http import ApiError, parse_id
 from channels.replay import follow, open_stream
 from channels.stream_cursor import StreamCursor
 
@@ -36,12 +37,25 @@ def frame(event: ConversationEvent, cursor: StreamCursor) -> bytes:
 
 
 def resume_token(request: web.Request) -> str | None:
-    """Where the client left off: Last-Event-ID (header or query), else `?after=SEQ`."""
+    """Where the client left off: Last-Event-ID (header or query), else `?after=SEQ`; a
+    400 ApiError for one we could not have written."""
     token = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    if token:
+        # An id we wrote (see StreamCursor.token): "W" or "W-seq.index".
+        head, dash, tail = token.strip().partition("-")
+        seq, dot, index = tail.partition(".")
+        parts = [head, seq, index] if dash else [head]
+        if (dash and not dot) or any(parse_id(p) is None for p in parts):
+            raise ApiError(
+                400, "invalid_parameter", "Last-Event-ID must be an event id this stream sent"
+            )
+        return token
     after = request.query.get("after")
-    if not token and after is not None and after.lstrip("-").isdigit():
-        token = str(max(0, int(after)))
-    return token
+    if after is None or after == "":
+        return None
+    if parse_id(after) is None:
+        raise ApiError(400, "invalid_parameter", "'after' must be an integer from 0 to 2^63-1")
+    return after
 
 
 async def stream_events(

@@ -21,27 +21,32 @@ class Budgets:
         self.settings = settings
         self.day = datetime.now(UTC).date()
         self.spent_today = 0.0
+        # The part of it spent on anonymous shoppers (in-process since the start: a restart
+        # gives them today's budget again, which a flood cannot trigger).
+        self.anonymous_today = 0.0
 
     def _roll(self) -> None:
         today = datetime.now(UTC).date()
         if today != self.day:
-            self.day, self.spent_today = today, 0.0
+            self.day, self.spent_today, self.anonymous_today = today, 0.0, 0.0
 
     def seed(self, day: date, spent: float) -> None:
         self.day, self.spent_today = day, spent
 
-    def add(self, cost: float) -> None:
+    def add(self, cost: float, *, anonymous: bool = False) -> None:
         self._roll()
         self.spent_today += cost
+        if anonymous:
+            self.anonymous_today += cost
 
-    def state(self, conversation_spent: float) -> BudgetState:
+    def state(self, conversation_spent: float, *, anonymous: bool = False) -> BudgetState:
         self._roll()
         s = self.settings
         worst = BudgetState.OK
-        for spent, limit in (
-            (conversation_spent, s.per_conversation),
-            (self.spent_today, s.per_day),
-        ):
+        limits = [(conversation_spent, s.per_conversation), (self.spent_today, s.per_day)]
+        if anonymous:
+            limits.append((self.anonymous_today, s.anonymous_per_day))
+        for spent, limit in limits:
             if limit is None:
                 continue
             if spent >= limit:

@@ -4,13 +4,21 @@
 from __future__ import annotations
 
 import os
+import re
+from datetime import datetime, time
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, field_validator
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
+from pydantic import Field, field_validator, model_validator
 
 from config_section import ConfigSection
 
 SIMULATOR_PROVIDER = "simulator"
+# The placeholder filled with the verified shopper's id in the shop (never by the model).
+SHOP_USER_ID = "shop_user_id"
+PLACEHOLDER = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
 
 
 class ModelSettings(ConfigSection):
@@ -56,6 +64,32 @@ class SimulatorSettings(ConfigSection):
     price_output_per_mtok: float = 0.0
 
 
+class BusinessHours(ConfigSection):
+    """When people answer handed-over conversations; outside, the shopper gets the away text."""
+
+    timezone: str = Field("Asia/Shanghai", description="an IANA zone, e.g. Europe/Berlin")
+    days: list[int] = Field(
+        default_factory=lambda: [1, 2, 3, 4, 5, 6, 7], description="ISO weekdays, 1 = Monday"
+    )
+    opens: time = time(9, 0)
+    closes: time = time(21, 0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(
+                f"unknown time zone '{value}': use an IANA name such as Asia/Shanghai"
+            ) from e
+        return value
+
+    def open_at(self, when: datetime) -> bool:
+        local = when.astimezone(ZoneInfo(self.timezone))
+        return local.isoweekday() in self.days and self.opens <= local.time() < self.closes
+
+
 class ReplySettings(ConfigSection):
     system_prompt: str = (
         "You are the customer-service assistant of an online shop. Answer briefly, kindly and "
@@ -78,11 +112,24 @@ class ReplySettings(ConfigSection):
     fallback_text_zh: str | None = "抱歉，我暂时无法回答这个问题，同事会尽快回复您。"
     handoff_notice: str = "A colleague will join this conversation shortly."
     handoff_notice_zh: str | None = "人工客服稍后会加入对话。"
+    # When a person is asked for outside business_hours (null: people are always there).
+    business_hours: BusinessHours | None = None
+    away_notice: str = (
+        "Our team is offline right now. A colleague will reply here as soon as we are back."
+    )
+    away_notice_zh: str | None = "人工客服目前不在线，上班后会第一时间在这里回复您。"
     aggregation_attempt_seconds: float = Field(
         8.0, gt=0, description="a composing model slower than this gives way to the next"
     )
     aggregation_reserve_seconds: float = Field(
         4.0, ge=0, description="time kept for composing one answer from several specialists"
+    )
+    conflicting_specialists: list[list[str]] = Field(
+        default_factory=lambda: [["discount", "refund"]],
+        description="groups of specialists whose answers may contradict each other (prices: "
+        "a discount vs a refund); when two of a group answer one message, a model writes "
+        "one reply from their findings. Any other answers are joined as they are, in the "
+        "order of the message's parts",
     )
 
 
@@ -115,6 +162,13 @@ class BudgetSettings(ConfigSection):
 
     per_conversation: float | None = Field(None, gt=0)
     per_day: float | None = Field(None, gt=0)
+    anonymous_per_day: float | None = Field(
+        20.0,
+        gt=0,
+        description="today's limit for conversations of shoppers nobody vouched for (anonymous "
+        "widget visitors, chats without a shop user id): a flood of them cannot spend more; "
+        "null: no limit",
+    )
     degrade_at: float = Field(
         0.8, gt=0, le=1, description="share of a budget after which only the cheap tier is used"
     )
@@ -132,15 +186,73 @@ class ToolSettings(ConfigSection):
     method: str = Field("GET", pattern=r"^(GET|POST|PUT|PATCH|DELETE)$")
     url: str = Field(
         description="absolute, or relative to this service (e.g. /demo-shop/api/orders/{order_id});"
-        " {placeholders} are filled from the arguments"
+        " {placeholders} are filled from the arguments, {shop_user_id} from the verified shopper"
     )
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        description="JSON schema of the arguments the model sets; calls are validated against it",
+    )
+    bound_arguments: dict[str, str] = Field(
+        default_factory=dict,
+        description="arguments swarmdesk adds itself, never the model: "
+        "'{shop_user_id}' is the verified shopper's id in the shop",
+    )
     headers: dict[str, str] = Field(default_factory=dict)
     auth_env: str | None = Field(None, description="env var with a bearer token for the backend")
     timeout_seconds: float = Field(5.0, gt=0)
     requires_verified_user: bool = Field(
-        False, description="only for shoppers whose identity the shop vouched for"
+        True,
+        description="only for shoppers whose identity the shop vouched for (the default: tools "
+        "touch a shopper's data); false for public data such as products and coupons",
     )
+
+    @model_validator(mode="after")
+    def _check_arguments(self) -> ToolSettings:
+        try:
+            validator_for(self.parameters).check_schema(self.parameters)
+        except SchemaError as e:
+            raise ValueError(
+                f"tool '{self.name}': parameters is not a JSON schema: {e.message}"
+            ) from None
+        if self.parameters.get("type") != "object":
+            raise ValueError(f"tool '{self.name}': parameters must be of type 'object'")
+        props = self.parameters.get("properties") or {}
+        required = set(self.parameters.get("required") or [])
+        if SHOP_USER_ID in props:
+            raise ValueError(
+                f"tool '{self.name}': the model must not set '{SHOP_USER_ID}'; remove it from "
+                f"parameters and write {{{SHOP_USER_ID}}} in url or bound_arguments instead"
+            )
+        for name in self.bound_arguments:
+            if name in props:
+                raise ValueError(
+                    f"tool '{self.name}': '{name}' is both a parameter and a bound argument"
+                )
+        for name, value in self.bound_arguments.items():
+            unknown = set(PLACEHOLDER.findall(value)) - {SHOP_USER_ID}
+            if unknown:
+                raise ValueError(
+                    f"tool '{self.name}': bound_arguments.{name} may use only "
+                    f"{{{SHOP_USER_ID}}} (found {', '.join(sorted(unknown))})"
+                )
+        for name in PLACEHOLDER.findall(self.url):
+            if name != SHOP_USER_ID and name not in required:
+                raise ValueError(
+                    f"tool '{self.name}': url placeholder {{{name}}} must be a required "
+                    "parameter (list it in parameters.properties and parameters.required)"
+                )
+        if self.uses_identity() and not self.requires_verified_user:
+            raise ValueError(
+                f"tool '{self.name}': it sends {{{SHOP_USER_ID}}}, so it needs "
+                "requires_verified_user: true"
+            )
+        return self
+
+    def uses_identity(self) -> bool:
+        """Whether the verified shopper's id goes to the backend."""
+        marker = f"{{{SHOP_USER_ID}}}"
+        texts = [self.url, *self.bound_arguments.values(), *self.headers.values()]
+        return any(marker in t for t in texts)
 
 
 class SpecialistSettings(ConfigSection):

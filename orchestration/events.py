@@ -21,13 +21,45 @@ class ConversationInfo:
     channel: str
     tier: str | None = None  # sticky tier of earlier turns
     spent: float = 0.0  # money spent on models in this conversation so far
-    verified: bool = False  # the shop vouched for the shopper's identity (order tools)
+    # The shopper's id in the shop, when the shop vouched for it (order tools need it).
+    shop_user_id: str | None = None
     degraded_answers: int = 0  # canned answers the bot gave in this conversation
+    # A draft for a person who owns the conversation: answer the question itself, even
+    # where the shopper asked for a person (they have one now).
+    drafting: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Delta:
     text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retract:
+    """Every delta of this answer so far is withdrawn: none of it reached the shopper, and a
+    fresh answer follows. Sent only after `Visibility` said nothing was seen."""
+
+
+@dataclass(slots=True)
+class Visibility:
+    """Whether the shopper may have seen any of the answer streamed so far.
+
+    The consumer of the reply stream keeps `seen` (and `sending`, while a push is under
+    way) current. Before orchestration withdraws a failed attempt it sets `withdrawing`:
+    from then on the consumer drops that attempt's deltas still on their way, until the
+    `Retract` event arrives.
+    """
+
+    seen: bool = False
+    sending: bool = False
+    withdrawing: bool = False
+
+    def withdraw(self) -> bool:
+        """Start withdrawing the answer so far; False if the shopper may have seen it."""
+        if self.seen or self.sending:
+            return False
+        self.withdrawing = True
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,4 +102,4 @@ class CallRecord:
     error: str | None = None
 
 
-ReplyEvent = Delta | Final | Escalate | CallRecord
+ReplyEvent = Delta | Retract | Final | Escalate | CallRecord

@@ -3,9 +3,11 @@ of reply events (DESIGN.md, Data flow step 5, Orchestration).
 
 A turn: route the message (rules and FAQ first, a local classifier next, a paid classification
 only when unclear); check the budgets; run the specialists of the message's intents in
-parallel under one deadline; stream a single specialist's answer directly, or compose one
-answer from several (priority decides conflicts); escalate when asked to. It never raises to
-the caller: a failure becomes a fallback model, a degraded text, then an escalation.
+parallel under one deadline; stream a single specialist's answer directly; join the answers of
+several in the order of the message's parts, the first streaming as it is written, and ask a
+model to compose one answer only where specialists may contradict each other; escalate when
+asked to. It never raises to the caller: a failure becomes a fallback model, a degraded text,
+then an escalation — and a turn ending in a handoff says so with the handoff text.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -27,7 +30,9 @@ from orchestration.events import (
     Escalate,
     Final,
     ReplyEvent,
+    Retract,
     Turn,
+    Visibility,
 )
 from orchestration.language import pick
 from orchestration.llm.types import ChatMessage
@@ -81,18 +86,24 @@ class Orchestrator:
     # -- entry point -------------------------------------------------------------------------
 
     async def reply(
-        self, conversation: ConversationInfo, history: Sequence[Turn], message: Turn
+        self,
+        conversation: ConversationInfo,
+        history: Sequence[Turn],
+        message: Turn,
+        visibility: Visibility | None = None,
     ) -> AsyncIterator[ReplyEvent]:
+        """The turn's events. `visibility` (kept by the consumer) says whether streamed text
+        reached the shopper; without it every delta counts as seen the moment it is sent."""
         queue: asyncio.Queue[ReplyEvent | None] = asyncio.Queue()
 
         def emit(ev: ReplyEvent) -> None:
             if isinstance(ev, CallRecord):
-                self.budgets.add(ev.cost)
+                self.budgets.add(ev.cost, anonymous=conversation.shop_user_id is None)
             queue.put_nowait(ev)
 
         async def turn() -> None:
             try:
-                await self._turn(conversation, history, message, emit)
+                await self._turn(conversation, history, message, emit, visibility)
             finally:
                 queue.put_nowait(None)
 
@@ -115,18 +126,42 @@ class Orchestrator:
 
     # -- one turn ----------------------------------------------------------------------------
 
+    def handoff_text(self, question: str, now: datetime | None = None) -> str:
+        """What the shopper is told when a person is asked for: they are coming, or (outside
+        business hours) when they will be back."""
+        s = self.settings
+        hours = s.business_hours
+        if hours is not None and not hours.open_at(now or datetime.now(UTC)):
+            return pick(question, s.away_notice, s.away_notice_zh)
+        return pick(question, s.handoff_notice, s.handoff_notice_zh)
+
+    def _open_now(self) -> bool:
+        hours = self.settings.business_hours
+        return hours is None or hours.open_at(datetime.now(UTC))
+
+    def _conflict(self, chosen: Sequence[Specialist]) -> bool:
+        names = {sp.name for sp in chosen}
+        return any(len(names & set(group)) > 1 for group in self.settings.conflicting_specialists)
+
     def _fallback(self, question: str) -> str:
         return pick(question, self.settings.fallback_text, self.settings.fallback_text_zh)
 
     async def _turn(
-        self, conv: ConversationInfo, history: Sequence[Turn], message: Turn, emit: _Emit
+        self,
+        conv: ConversationInfo,
+        history: Sequence[Turn],
+        message: Turn,
+        emit: _Emit,
+        visibility: Visibility | None = None,
     ) -> None:
         started = time.monotonic()
         deadline = started + self.settings.turn_deadline_seconds
-        budget = self.budgets.state(conv.spent)
+        budget = self.budgets.state(conv.spent, anonymous=conv.shop_user_id is None)
         if budget is BudgetState.EXHAUSTED:
             b = self.budget_settings
             text = pick(message.text, b.exhausted_text, b.exhausted_text_zh)
+            if not self._open_now():
+                text = self.handoff_text(message.text)  # "a person will take over" is untrue
             emit(Delta(text))
             emit(Final(text=text, degraded=True, routing={"budget": budget.value}))
             emit(Escalate("budget", "the conversation's or the day's model budget is spent"))
@@ -147,37 +182,69 @@ class Orchestrator:
                 emit(self._escalation("router", decision, message.text))
             return
 
-        chosen = self._select(decision)
+        chosen = self._select(decision, drafting=conv.drafting)
+        asks_for_person = "human" in decision.intents or any(
+            s.settings.escalates for s in chosen
+        )
+        if not conv.drafting and asks_for_person:
+            # A person is asked for: the shopper is told so, in their language, with no
+            # model answer standing in for the person. (Upset shoppers who did not ask get
+            # their answer, then the same text: see below.)
+            text = self.handoff_text(message.text)
+            emit(Delta(text))
+            emit(Final(text=text, tier=None, routing={**routing, "handoff": True}))
+            emit(
+                self._escalation(
+                    "router" if decision.escalate else "specialist", decision, message.text
+                )
+            )
+            return
         turn = TurnInput(
             message.text,
             history,
             decision.intents,
-            conv.verified,
+            conv.shop_user_id,
             force_tier="cheap" if budget is BudgetState.DEGRADE else None,
         )
         routing["specialists"] = [s.name for s in chosen]
 
+        out = _Answer(emit, visibility)
         if len(chosen) == 1:
-            results = [await self._single(chosen[0], turn, tier, deadline, emit)]
-            text = results[0].text
-        else:
+            results = [await self._single(chosen[0], turn, tier, deadline, out, fill=False)]
+        elif self._conflict(chosen):
             results = await self._fan_out(chosen, turn, tier, deadline, emit)
-            text = await self._aggregate(results, turn, tier, deadline, emit)
+            await self._aggregate(results, turn, tier, deadline, out)
+        else:
+            results = await self._joined(chosen, turn, tier, deadline, out)
 
         degraded = not any(r.ok for r in results)
         escalate: Escalate | None = None
-        if decision.escalate or any(s.settings.escalates for s in chosen):
-            escalate = self._escalation(
-                "router" if decision.escalate else "specialist", decision, message.text
-            )
+        why = None
+        if degraded and time.monotonic() >= deadline:
+            why = "deadline"
         elif degraded and conv.degraded_answers + 1 >= 2:
-            escalate = self._escalation("fallback_twice", decision, message.text)
-        if escalate is not None and not any(s.settings.escalates for s in chosen):
-            notice = pick(
-                message.text, self.settings.handoff_notice, self.settings.handoff_notice_zh
-            )
-            emit(Delta("\n\n" + notice))
-            text = f"{text}\n\n{notice}"
+            why = "fallback_twice"
+        elif out.broken:
+            why = "answer_cut"  # part of an answer was seen and nothing could finish it
+        elif decision.escalate and not conv.drafting:
+            # Upset without asking for a person: the answer stands and a person is coming.
+            if not out.shown:
+                out.add(results[0].text)
+            escalate = self._escalation("router", decision, message.text)
+            out.add(self.handoff_text(message.text), separate=True)
+            routing["handoff"] = True
+        if why is not None:
+            # No clean answer: the shopper is told a person is coming (the handoff text
+            # alone when nothing was seen; after what was seen when something was).
+            escalate = self._escalation(why, decision, message.text)
+            notice = self.handoff_text(message.text)
+            if out.shown and out.withdraw():
+                out.text = ""
+            out.add(notice, separate=True)
+            routing["handoff"] = True
+        elif not out.shown:
+            out.add(results[0].text)  # the degraded text (only a single specialist's is held)
+        text = out.text
         best = next((r for r in sorted(results, key=lambda r: -r.priority) if r.ok), None)
         routing["degraded"] = degraded
         routing["specialist_results"] = {
@@ -197,37 +264,100 @@ class Orchestrator:
         if escalate is not None:
             emit(escalate)
 
-    def _select(self, decision: RoutingDecision) -> list[Specialist]:
+    def _select(self, decision: RoutingDecision, drafting: bool = False) -> list[Specialist]:
         chosen: list[Specialist] = []
         for intent in decision.intents:
             for sp in self._by_intent.get(intent, []):
-                if sp not in chosen:
+                if sp not in chosen and not (drafting and sp.settings.escalates):
                     chosen.append(sp)
         if not chosen:
             chosen = self._by_intent.get("other", [])[:1] or self.specialists[:1]
         return chosen
 
     async def _single(
-        self, sp: Specialist, turn: TurnInput, tier: str, deadline: float, emit: _Emit
+        self,
+        sp: Specialist,
+        turn: TurnInput,
+        tier: str,
+        deadline: float,
+        out: _Answer,
+        *,
+        fill: bool = True,
     ) -> SpecialistResult:
-        """One specialist: its answer streams straight to the shopper."""
-        shown: list[str] = []
-
-        def stream(delta: str) -> None:
-            shown.append(delta)
-            emit(Delta(delta))
-
-        res = await sp.run(turn, tier, deadline, emit, on_delta=stream)
-        if res.ok:
+        """One specialist: its answer streams straight to the shopper. Where it fails before
+        any text, its degraded text stands in (with `fill`; else the caller decides)."""
+        res = await sp.run(turn, tier, deadline, out.record, on_delta=out.add, seen=out.seen)
+        if res.ok or not out.shown:
+            if fill and not out.shown:
+                out.add(res.text)
             return res
-        if not shown:
-            emit(Delta(res.text))  # nothing reached the shopper: the degraded text is the answer
-            return res
-        # Cut mid-answer and nothing could continue it: close the answer honestly.
-        tail = "\n\n" + self._fallback(turn.question)
-        emit(Delta(tail))
-        res.text = "".join(shown) + tail
+        out.broken = True  # cut mid-answer and nothing could continue it
         return res
+
+    async def _joined(
+        self,
+        chosen: Sequence[Specialist],
+        turn: TurnInput,
+        tier: str,
+        deadline: float,
+        out: _Answer,
+    ) -> list[SpecialistResult]:
+        """Specialists that answer different parts of the message, in parallel, joined
+        without a model (nothing to reconcile): the first of them to write streams at once,
+        the others follow in the message's order; the answer is whole when the slowest is."""
+        started = time.monotonic()
+        live: Specialist | None = None  # the one whose text streams
+        held: dict[Specialist, str] = {sp: "" for sp in chosen}
+
+        def on_delta(sp: Specialist) -> Callable[[str], None]:
+            def take(delta: str) -> None:
+                nonlocal live
+                if live is None:
+                    live = sp
+                if live is sp:
+                    out.add(delta)
+                else:
+                    held[sp] += delta
+
+            return take
+
+        def seen(sp: Specialist) -> Callable[[str], bool]:
+            def ask(text: str) -> bool:
+                if live is sp:
+                    return out.seen(text)
+                held[sp] = ""  # nobody saw it: the attempt is dropped
+                return False
+
+            return ask
+
+        tasks = {
+            sp: asyncio.create_task(
+                sp.run(turn, tier, deadline, out.record, on_delta=on_delta(sp), seen=seen(sp))
+            )
+            for sp in chosen
+        }
+        try:
+            await asyncio.wait(tasks.values(), timeout=max(deadline - time.monotonic(), 0))
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        results: dict[Specialist, SpecialistResult] = {}
+        for sp, task in tasks.items():
+            done = task.done() and not task.cancelled() and task.exception() is None
+            results[sp] = task.result() if done else sp.degraded(turn, time.monotonic() - started)
+        written: list[str] = []
+        if live is not None and out.shown:
+            written.append(out.text)
+            if not results[live].ok:
+                out.broken = True  # cut mid-answer and nothing could continue it
+        for sp in chosen:
+            text = results[sp].text
+            if (sp is live and out.shown) or any(_same(text, w) for w in written):
+                continue  # (agreeing specialists: said once)
+            written.append(text)
+            out.add(text, separate=True)
+        return [results[sp] for sp in chosen]
 
     async def _fan_out(
         self,
@@ -259,13 +389,14 @@ class Orchestrator:
         turn: TurnInput,
         tier: str,
         deadline: float,
-        emit: _Emit,
-    ) -> str:
+        out: _Answer,
+    ) -> None:
+        """One answer from findings that may contradict each other, written by a model."""
         ordered = sorted(results, key=lambda r: -r.priority)
-        plain = "\n\n".join(r.text for r in ordered)
+        plain = "\n\n".join(_distinct(r.text for r in ordered))
         if not any(r.ok for r in ordered):
-            emit(Delta(plain))
-            return plain
+            out.add(plain)
+            return
         findings = "\n\n".join(
             f"[{r.name}{'' if r.ok else ', unavailable'}]\n{r.text}" for r in ordered
         )
@@ -280,25 +411,108 @@ class Orchestrator:
             intent=turn.intents[0] if turn.intents else None,
         )
         call = self.runner.call(
-            tier, spec, deadline, emit, attempt_timeout=self.settings.aggregation_attempt_seconds
+            tier,
+            spec,
+            deadline,
+            out.record,
+            attempt_timeout=self.settings.aggregation_attempt_seconds,
+            seen=out.seen,
         )
-        shown = ""
         async for delta in call.deltas():
-            shown += delta
-            emit(Delta(delta))
-        if not call.result.failed:
-            return shown
-        # No model could compose: the findings themselves, most authoritative first.
-        rest = plain if not shown else "\n\n" + plain
-        emit(Delta(rest))
-        return shown + rest
+            out.add(delta)
+        if call.result.failed:
+            # No model could compose: the findings themselves, most authoritative first.
+            if out.shown and not out.withdraw():
+                out.broken = True
+                return
+            out.text = ""
+            out.add(plain)
 
     def _escalation(self, reason: str, decision: RoutingDecision, text: str) -> Escalate:
+        orders = sorted(set(_ORDER_ID.findall(text)))
         card = {
-            "summary": text[:500],
+            "summary": handoff_summary(reason, decision, text, orders),
             "intents": list(decision.intents),
             "sentiment": decision.sentiment,
-            "order_ids": sorted(set(_ORDER_ID.findall(text))),
+            "order_ids": orders,
             "routing_stage": decision.stage,
         }
         return Escalate(reason, f"escalated by {reason}", card)
+
+
+_WHY = {
+    "router": "asked for a person or is upset",
+    "specialist": "the specialist called for a person",
+    "fallback_twice": "the bot could not answer twice in a row",
+    "deadline": "no answer within the turn's deadline",
+    "answer_cut": "an answer was cut and could not be finished",
+    "budget": "the model budget is spent",
+    "internal_error": "the bot failed",
+}
+
+
+def handoff_summary(
+    reason: str, decision: RoutingDecision, text: str, orders: Sequence[str]
+) -> str:
+    """The handoff card's summary, without a model: why, about what, and the words."""
+    parts = [f"Handed over: {_WHY.get(reason, reason)}."]
+    topics = [i for i in decision.intents if i not in ("human", "other")]
+    if topics:
+        parts.append(f"About: {', '.join(topics)}.")
+    if orders:
+        parts.append(f"Orders: {', '.join(orders)}.")
+    if decision.sentiment and decision.sentiment != "neutral":
+        parts.append(f"Mood: {decision.sentiment}.")
+    quoted = text.strip()
+    parts.append(f"Said: “{quoted[:200]}{'…' if len(quoted) > 200 else ''}”")
+    return " ".join(parts)
+
+
+class _Answer:
+    """The text of one answer as it goes out: every delta emitted once, and withdrawn only
+    while the shopper has seen none of it (`Visibility`)."""
+
+    def __init__(self, emit: _Emit, visibility: Visibility | None) -> None:
+        self.record = emit
+        self.visibility = visibility
+        self.text = ""
+        self.broken = False  # a cut answer nobody could finish
+
+    @property
+    def shown(self) -> bool:
+        return bool(self.text)
+
+    def add(self, delta: str, *, separate: bool = False) -> None:
+        if separate and self.text:
+            delta = "\n\n" + delta
+        if delta:
+            self.text += delta
+            self.record(Delta(delta))
+
+    def withdraw(self) -> bool:
+        """Take back everything sent so far; False if the shopper may have seen it."""
+        if not self.text:
+            return True
+        if self.visibility is None or not self.visibility.withdraw():
+            return False
+        self.text = ""
+        self.record(Retract())
+        return True
+
+    def seen(self, _attempt_text: str) -> bool:
+        """For ModelRunner.call: a failed attempt's text stays (and is continued) only if
+        the shopper may have seen it."""
+        return not self.withdraw()
+
+
+def _same(a: str, b: str) -> bool:
+    a, b = " ".join(a.split()), " ".join(b.split())
+    return a == b or (bool(a) and a in b)
+
+
+def _distinct(texts: Iterable[str]) -> list[str]:
+    kept: list[str] = []
+    for t in texts:
+        if not any(_same(t, k) for k in kept):
+            kept.append(t)
+    return kept

@@ -1,7 +1,9 @@
 """One model call of a tier, made resilient: the tier's chain is tried in order; a model is
 retried with backoff and jitter only before its first token; a slow first token is hedged by
-the next model; a stream cut after text was shown continues on the next model from exactly
-that text. Every attempt — failed, hedged, cancelled — becomes a ledger record.
+the next model. A stream cut after the shopper saw some of its text continues on the next
+model from exactly that text (orchestration/continuation.py); a cut whose text nobody saw is
+dropped and the next model starts clean, so one answer is never two attempts strung
+together. Every attempt — failed, hedged, cancelled — becomes a ledger record.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tenacity import (
 )
 
 from orchestration.config import ResilienceSettings
+from orchestration.continuation import Splice, continuation_messages, last_question
 from orchestration.events import CallRecord
 from orchestration.llm.client import ChatStream
 from orchestration.llm.registry import ModelEntry, ModelRegistry
@@ -34,12 +37,6 @@ log = structlog.get_logger(__name__)
 
 # Put in an attempt's queue when the deadline its consumer waits for has passed.
 _EXPIRED = object()
-
-CONTINUE_PROMPT = (
-    "Your previous reply was cut off. Continue it from exactly where it stopped, without "
-    "repeating anything."
-)
-
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
@@ -227,10 +224,15 @@ class ModelRunner:
         deadline: float,
         on_record: Callable[[CallRecord], None] | None = None,
         attempt_timeout: float | None = None,
+        seen: Callable[[str], bool] | None = None,
     ) -> ChainCall:
         """A call on `tier`'s chain, ending by `deadline`; with `attempt_timeout`, a model
-        that has not finished by then gives way to the next one while time remains."""
-        return ChainCall(self, tier, spec, deadline, on_record, attempt_timeout)
+        that has not finished by then gives way to the next one while time remains.
+
+        `seen` is asked when an attempt fails after some of its text was handed on: True if
+        the shopper may have seen it (the next model continues it), False if the caller
+        dropped it (the next model starts clean). Without it, nothing was seen."""
+        return ChainCall(self, tier, spec, deadline, on_record, attempt_timeout, seen)
 
 
 class ChainCall:
@@ -244,8 +246,10 @@ class ChainCall:
         deadline: float,
         on_record: Callable[[CallRecord], None] | None,
         attempt_timeout: float | None = None,
+        seen: Callable[[str], bool] | None = None,
     ) -> None:
         self.runner = runner
+        self._seen = seen
         self.attempt_timeout = attempt_timeout
         self.tier = tier
         self.spec = spec
@@ -270,10 +274,9 @@ class ChainCall:
             guard.breaker.record(ok=False)
 
     def _messages(self, sent: str) -> list[ChatMessage]:
-        msgs = list(self.spec.messages)
-        if sent:
-            msgs += [ChatMessage("assistant", sent), ChatMessage("user", CONTINUE_PROMPT)]
-        return msgs
+        if not sent:
+            return list(self.spec.messages)
+        return continuation_messages(self.spec.messages, sent, last_question(self.spec.messages))
 
     async def _admit(self, entry: ModelEntry) -> bool:
         guard = self.runner.guards.get(entry.ref, *_limits(entry))
@@ -428,14 +431,22 @@ class ChainCall:
                     index += 1
                     continue
                 item = first
+                # A continuation repeats some of the visible text more often than not.
+                splice = Splice(sent)
                 try:
                     while item is not None:
-                        sent += item
-                        yield item
+                        if piece := splice.feed(item):
+                            sent += piece
+                            yield piece
                         item = await attempt.next(self._attempt_deadline(attempt))
+                    if piece := splice.end():
+                        sent += piece
+                        yield piece
                 except LLMError as e:
                     self._fail(attempt, e)
                     await attempt.cancel()
+                    if sent and not (self._seen is not None and self._seen(sent)):
+                        sent = ""  # nobody saw it: the next model answers afresh
                     index += 1
                     continue
                 except BaseException:

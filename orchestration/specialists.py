@@ -20,6 +20,11 @@ from orchestration.tools import ToolRunner
 
 log = structlog.get_logger(__name__)
 
+PART_PROMPT = (
+    "\n\nThe shopper's message has several parts and colleagues answer the others. Answer "
+    "only the part about: {intents}. Do not greet and do not repeat the question."
+)
+
 
 @dataclass(slots=True)
 class SpecialistResult:
@@ -40,7 +45,7 @@ class TurnInput:
     question: str
     history: Sequence[Turn]
     intents: Sequence[str]
-    verified: bool
+    shop_user_id: str | None  # the verified shopper (None: anonymous)
     force_tier: str | None = None  # budgets: overrides every specialist's own tier
 
 
@@ -74,7 +79,13 @@ class Specialist:
         )
 
     def _prompt(self, turn: TurnInput) -> list[ChatMessage]:
-        msgs = [ChatMessage("system", self.settings.system_prompt)]
+        system = self.settings.system_prompt
+        mine = [i for i in turn.intents if i in self.settings.intents]
+        if len(mine) < len(turn.intents):
+            # Colleagues answer the message's other parts: saying one part twice (or
+            # another's part worse) is what makes a joined answer repeat itself.
+            system += PART_PROMPT.format(intents=", ".join(mine or self.settings.intents))
+        msgs = [ChatMessage("system", system)]
         for t in turn.history:
             if t.sender == "agent":
                 # The model must know a person said this, not itself.
@@ -91,13 +102,15 @@ class Specialist:
         deadline: float,
         on_record: Callable[[CallRecord], None],
         on_delta: Callable[[str], None] | None = None,
+        seen: Callable[[str], bool] | None = None,
     ) -> SpecialistResult:
         """The specialist's answer. With `on_delta`, its final text streams out as written
-        (a turn with one specialist needs no aggregation)."""
+        (a turn with one specialist needs no aggregation); `seen` says whether a failed
+        attempt's streamed text reached the shopper (see ModelRunner.call)."""
         started = time.monotonic()
         tier = turn.force_tier or self.settings.tier or tier
         messages = self._prompt(turn)
-        tool_defs = self.tools.definitions(self.settings.tools, verified=turn.verified)
+        tool_defs = self.tools.definitions(self.settings.tools)
         used: list[str] = []
         shown = ""  # every delta of every round, in order: what the shopper may have seen
         try:
@@ -114,8 +127,22 @@ class Specialist:
                 )
                 # A model that misses the specialist's timeout gives way to the next one of
                 # the chain while the turn has time.
+                round_start = len(shown)
+
+                def kept(text: str, round_start: int = round_start) -> bool:
+                    nonlocal shown
+                    if seen is not None and seen(text):
+                        return True
+                    shown = shown[:round_start]  # withdrawn: the next model starts clean
+                    return False
+
                 call = self.runner.call(
-                    tier, spec, deadline, on_record, attempt_timeout=self.settings.timeout_seconds
+                    tier,
+                    spec,
+                    deadline,
+                    on_record,
+                    attempt_timeout=self.settings.timeout_seconds,
+                    seen=kept,
                 )
                 async for delta in call.deltas():
                     shown += delta
@@ -156,7 +183,12 @@ class Specialist:
                 )
                 outputs = await asyncio.gather(
                     *(
-                        self.tools.call(c.name, c.arguments, timeout_s=max(remaining, 0.1))
+                        self.tools.call(
+                            c.name,
+                            c.arguments,
+                            timeout_s=max(remaining, 0.1),
+                            shop_user_id=turn.shop_user_id,
+                        )
                         for c in calls
                     )
                 )

@@ -1,4 +1,9 @@
-"""Tools of the shop's backend: OpenAI function tools executed as HTTP calls."""
+"""Tools of the shop's backend: OpenAI function tools executed as HTTP calls.
+
+What the model sends is untrusted input: arguments are validated against the tool's JSON
+schema, only declared ones go out, path values cannot walk the URL, and the shopper's id
+comes from the verified identity, never from the model.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,22 @@ from urllib.parse import quote
 
 import httpx
 import structlog
+from jsonschema.protocols import Validator
+from jsonschema.validators import validator_for
 
-from orchestration.config import ToolSettings
+from orchestration.config import PLACEHOLDER, SHOP_USER_ID, ToolSettings
 
 log = structlog.get_logger(__name__)
 
-_PLACEHOLDER = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
 MAX_RESULT_CHARS = 6000  # what a tool may put into the model's context
+# A path value that could change which resource the URL names.
+_UNSAFE_PATH_VALUE = re.compile(r"\.\.|[/\\]|[\x00-\x1f\x7f]")
+SIGN_IN_REQUIRED = {
+    "error": "sign_in_required",
+    "detail": "the shopper is not signed in, so their orders cannot be looked up; ask them to "
+    "sign in to the shop (or write from their account) and ask again",
+    "detail_zh": "您还没有登录，暂时无法查询您的订单。请先登录商城账号后再问我",
+}
 
 
 class ToolRunner:
@@ -30,16 +44,20 @@ class ToolRunner:
 
     def __init__(self, tools: Iterable[ToolSettings], base_url: str | None = None) -> None:
         self.tools = {t.name: t for t in tools}
+        self._validators: dict[str, Validator] = {
+            name: validator_for(t.parameters)(t.parameters) for name, t in self.tools.items()
+        }
         self.base_url = base_url
         self._http: httpx.AsyncClient | None = None
 
-    def definitions(self, names: Sequence[str], *, verified: bool) -> list[dict[str, Any]]:
-        """The OpenAI `tools` array for a specialist (tools that need a verified shopper are
-        left out for an anonymous one)."""
+    def definitions(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        """The OpenAI `tools` array for a specialist. Tools that need a verified shopper are
+        offered to anonymous ones too: the call is answered with "sign in first" (and never
+        reaches the shop), which the model can pass on."""
         out = []
         for name in names:
             t = self.tools.get(name)
-            if t is None or (t.requires_verified_user and not verified):
+            if t is None:
                 continue
             out.append(
                 {
@@ -63,23 +81,25 @@ class ToolRunner:
             await self._http.aclose()
             self._http = None
 
-    async def call(self, name: str, arguments_json: str, *, timeout_s: float) -> str:
-        """Run one tool call; the result (or the error) as a JSON string for the model."""
+    async def call(
+        self, name: str, arguments_json: str, *, timeout_s: float, shop_user_id: str | None
+    ) -> str:
+        """Run one tool call for the shopper `shop_user_id` (None: not verified); the result
+        (or the error) as a JSON string for the model."""
         t0 = time.monotonic()
         tool = self.tools.get(name)
         if tool is None:
             return _error(f"unknown tool {name!r}")
+        if tool.requires_verified_user and not shop_user_id:
+            return json.dumps(SIGN_IN_REQUIRED, ensure_ascii=False)
         try:
-            args = json.loads(arguments_json or "{}")
-            if not isinstance(args, dict):
-                raise ValueError("arguments must be a JSON object")
+            args = self._arguments(tool, arguments_json)
+            url, rest = self._url(tool, args, shop_user_id)
         except ValueError as e:
             return _error(f"invalid arguments: {e}")
-        try:
-            url, rest = self._url(tool, args)
-        except KeyError as e:
-            return _error(f"missing argument {e.args[0]!r}")
-        headers = dict(tool.headers)
+        for key, template in tool.bound_arguments.items():
+            rest[key] = _fill_identity(template, shop_user_id)
+        headers = {k: _fill_identity(v, shop_user_id) for k, v in tool.headers.items()}
         if tool.auth_env and os.environ.get(tool.auth_env):
             headers["Authorization"] = f"Bearer {os.environ[tool.auth_env]}"
         try:
@@ -115,19 +135,49 @@ class ToolRunner:
             )
         return body[:MAX_RESULT_CHARS]
 
-    def _url(self, tool: ToolSettings, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    def _arguments(self, tool: ToolSettings, arguments_json: str) -> dict[str, Any]:
+        """The model's arguments, valid under the tool's schema, without undeclared ones."""
+        try:
+            args = json.loads(arguments_json or "{}")
+        except ValueError as e:
+            raise ValueError(f"not JSON ({e})") from e
+        if not isinstance(args, dict):
+            raise ValueError("arguments must be a JSON object")
+        problem = next(iter(self._validators[tool.name].iter_errors(args)), None)
+        if problem is not None:
+            where = "/".join(str(p) for p in problem.absolute_path)
+            raise ValueError(f"{where + ': ' if where else ''}{problem.message[:300]}")
+        declared = tool.parameters.get("properties") or {}
+        return {k: v for k, v in args.items() if k in declared}
+
+    def _url(
+        self, tool: ToolSettings, args: dict[str, Any], shop_user_id: str | None
+    ) -> tuple[str, dict[str, Any]]:
         used: set[str] = set()
 
         def fill(m: re.Match[str]) -> str:
-            used.add(m.group(1))
-            return quote(str(args[m.group(1)]), safe="")
+            name = m.group(1)
+            if name == SHOP_USER_ID:
+                return quote(shop_user_id or "", safe="")
+            used.add(name)
+            if name not in args:
+                raise ValueError(f"missing argument {name!r}")
+            value = args[name]
+            text = value if isinstance(value, str) else json.dumps(value)
+            if not text or _UNSAFE_PATH_VALUE.search(text):
+                raise ValueError(f"{name!r} must not be empty or contain '..', '/' or '\\'")
+            return quote(text, safe="")
 
-        path = _PLACEHOLDER.sub(fill, tool.url)
+        path = PLACEHOLDER.sub(fill, tool.url)
         if not path.startswith(("http://", "https://")):
             if not self.base_url:
                 raise RuntimeError("relative tool URL before the service knows its address")
             path = self.base_url.rstrip("/") + "/" + path.lstrip("/")
         return path, {k: v for k, v in args.items() if k not in used}
+
+
+def _fill_identity(template: str, shop_user_id: str | None) -> str:
+    return template.replace(f"{{{SHOP_USER_ID}}}", shop_user_id or "")
 
 
 def _query(args: dict[str, Any]) -> dict[str, str]:

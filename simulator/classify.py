@@ -108,7 +108,7 @@ _PRODUCT_QUESTION = (
 # Words that only say "an order" without a task: they count when nothing else matched.
 _WEAK_ORDER = ("order", "orders", "订单", "单号")
 # ASCII look-arounds, not \b: in "订单ORD-1001" the id touches a CJK word character.
-_ORDER_ID_RE = re.compile(r"(?<![A-Za-z0-9])ORD-?\d{3,}(?![0-9])", re.IGNORECASE)
+ORDER_ID_RE = re.compile(r"(?<![A-Za-z0-9])ORD-?\d{3,}(?![0-9])", re.IGNORECASE)
 _TRACKING_RE = re.compile(
     r"(?<![A-Za-z0-9])(?:(?:SF|YT|JDV?|ZTO|STO|YD|EMS)\d{9,15}|7\d{13})(?![A-Za-z0-9])",
     re.IGNORECASE,
@@ -171,7 +171,7 @@ def classify(text: str) -> dict[str, Any]:
         found["logistics"] = min(found.get("logistics", m.start()), m.start())
     if (m := _COUPON_RE.search(text)) is not None and not _TRACKING_RE.fullmatch(m.group()):
         found["discount"] = min(found.get("discount", m.start()), m.start())
-    weak_order = _ORDER_ID_RE.search(text) or _WEAK_ORDER_RE.search(lowered)
+    weak_order = ORDER_ID_RE.search(text) or _WEAK_ORDER_RE.search(lowered)
     if weak_order is not None and not found.keys() - {"greeting"}:
         found["order_status"] = weak_order.start()
     if not found and (m := _PRODUCT_QUESTION_RE.search(lowered)) is not None:
@@ -213,7 +213,7 @@ def classify(text: str) -> dict[str, Any]:
 def _sentiment(text: str, lowered: str) -> str:
     # Shouting is several all-caps words; order ids (ORD-1021), tracking numbers and product
     # acronyms (LED, USB) are not.
-    plain = _TRACKING_RE.sub(" ", _ORDER_ID_RE.sub(" ", text))
+    plain = _TRACKING_RE.sub(" ", ORDER_ID_RE.sub(" ", text))
     shouting = sum(1 for w in re.findall(r"\b[A-Z]{4,}\b", plain) if not _COUPON_RE.fullmatch(w))
     if (
         _first_hit(_ANGRY_RE, lowered) is not None

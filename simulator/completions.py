@@ -15,7 +15,9 @@ from aiohttp import web
 from orchestration.llm.tokens import estimate_messages_tokens
 from orchestration.llm.types import ChatMessage
 from simulator import modes
+from simulator.continuation import remainder, split_continuation
 from simulator.faults import parse_directives
+from simulator.parts import own_part, policy_answer
 from simulator.responses import (
     openai_error,
     stream,
@@ -25,7 +27,7 @@ from simulator.responses import (
     whole_tool_calls,
 )
 from simulator.state import STATE
-from simulator.text import reply_tokens
+from simulator.text import reply_tokens, text_tokens
 
 # A hung request gives up on its own after this long, so nothing lingers forever.
 _HANG_MAX_S = 600.0
@@ -73,10 +75,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if problem is not None:
         return openai_error(400, problem, "invalid_request_error")
 
+    # A request to continue a cut reply is answered from the original request.
+    visible = ""
+    continued = split_continuation(body["messages"])
+    if continued is not None:
+        body = {**body, "messages": continued[0]}
+        messages, visible = messages[: len(continued[0])], continued[1]
+
     stats = state.stats
     stats.requests += 1
+    stats.continuations += continued is not None
     last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
     directives, question = parse_directives(last_user)
+    # A specialist of a multi-part message answers its own part (simulator.parts).
+    system = next((m.content for m in messages if m.role == "system"), "")
+    question, part_intents = own_part(system, question)
     plan = state.plan(directives)
     plan.arrived = arrived
 
@@ -110,7 +123,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         reply_number = next(state.ids)
         # Tool calls, an answer from tool results or JSON; else the canned reply.
-        special = modes.special_reply(body, question, f"call_sim{reply_number}")
+        policy = policy_answer(question, part_intents) if messages[-1].role == "user" else None
+        special = (
+            modes.Reply(tokens=text_tokens(policy))
+            if policy is not None
+            else modes.special_reply(body, question, f"call_sim{reply_number}")
+        )
         if special is None:
             if isinstance(limit, int) and 0 < limit < n_tokens:
                 n_tokens, finish_reason = limit, "length"
@@ -119,6 +137,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             tokens = special.tokens
             if isinstance(limit, int) and 0 < limit < len(tokens):
                 tokens, finish_reason = tokens[:limit], "length"
+        if visible:
+            tokens = remainder(tokens, visible)
         prompt_tokens = estimate_messages_tokens(messages) + modes.prompt_overhead(body)
         stats.prompt_tokens += prompt_tokens
         model = str(body.get("model") or "simulator")

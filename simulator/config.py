@@ -41,6 +41,7 @@ class SimulatorStats:
     completion_tokens: int = 0
     active: int = 0  # requests being served right now
     peak_active: int = 0  # most requests served at once (shows calls ran in parallel)
+    continuations: int = 0  # requests to continue a cut reply (simulator.continuation)
     faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULTS, 0))
 
     def reset(self) -> None:

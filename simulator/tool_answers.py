@@ -335,6 +335,14 @@ def _error(e: dict[str, Any], zh: bool) -> str:
         if isinstance(inner, dict) and "error" in inner:
             e = inner
     code = str(e.get("error") or "")
+    if code == "sign_in_required":
+        # The tool runner refused: the shopper is anonymous. A model tells them to sign in.
+        if zh:
+            return "为了保护您的隐私，查询订单需要先确认您的身份：请登录商城账号后再问我一次。"
+        return (
+            "To look up your orders I need to know it's you: please sign in to your account "
+            "on the shop and ask me again."
+        )
     not_found = code.endswith("not_found") or code == "HTTP 404"
     if zh:
         if e.get("detail_zh"):

@@ -33,10 +33,12 @@ from storage.statements import (
     CONVERSATIONS,
     HISTORY,
     INSERT_CALLS,
+    MESSAGES,
     RESERVE_ANSWER,
     RESERVED,
     SET_MESSAGE,
     C,
+    M,
     insert_message,
     set_status,
 )
@@ -54,7 +56,7 @@ class Answering:
     out_id: int
     seq: int
     out_created_at: datetime
-    contact_attributes: dict[str, Any] | None  # only for channels not trusted
+    contact_attributes: dict[str, Any] | None  # who the shopper is (verified or not)
     inbound: StoredMessage | None  # only when asked for
 
 
@@ -79,21 +81,17 @@ def begin_answer(
     conversation_id: int,
     message_id: int,
     history_limit: int,
-    trusted_channels: frozenset[str],
     with_inbound: bool,
 ) -> Answering | NotAnswering:
     """Check the inbound message still waits for an answer and the bot owns the
     conversation; load the history up to it (`history_limit` messages with it); reserve
     the answer's seq (STREAMING), or take the reservation made when it was stored. The
-    contact's attributes come along for channels not in `trusted_channels`, the whole
-    inbound row `with_inbound`."""
+    contact's attributes come along, the whole inbound row `with_inbound`."""
     rows = history(conn, conversation_id, message_id, history_limit)
     if not rows or rows[0][0] != message_id or rows[0][5] != MessageStatus.RECEIVED.value:
         return NotAnswering()  # answered already (a recovered duplicate of the queue entry)
     inbound = get_message(conn, message_id) if with_inbound else None
-    return reserve(
-        conn, conversation_id, message_id, rows, trusted_channels, inbound=inbound, reuse=True
-    )
+    return reserve(conn, conversation_id, message_id, rows, inbound=inbound, reuse=True)
 
 
 def reserve(
@@ -101,7 +99,6 @@ def reserve(
     conversation_id: int,
     message_id: int,
     rows: Sequence[Any],
-    trusted_channels: frozenset[str],
     *,
     inbound: StoredMessage | None,
     reuse: bool,
@@ -140,9 +137,7 @@ def reserve(
         created_at = now
     else:
         out_id, created_at = reserved[0], reserved[2]
-    attributes = None
-    if channel not in trusted_channels:
-        attributes = conn.execute(CONTACT_ATTRIBUTES, {"b_id": contact_id}).scalar()
+    attributes = conn.execute(CONTACT_ATTRIBUTES, {"b_id": contact_id}).scalar()
     turns = [HistoryRow._make(r) for r in reversed(rows)]
     question = turns.pop()
     return Answering(
@@ -265,3 +260,18 @@ def add_outbound(
     seq, *columns = conv
     ref = ConversationRef(*columns)
     return ref, insert_message(conn, conversation_id, seq, ref.channel, ref.account, m, now)
+
+
+def answer_failed(conn: Connection, question_id: int) -> int | None:
+    """The platform reported later that the bot's answer to `question_id` did not reach the
+    shopper: it is marked failed. Its conversation, or None if there is no such answer."""
+    return conn.execute(
+        update(MESSAGES)
+        .where(
+            M.reply_to_id == question_id,
+            M.sender == Sender.BOT.value,
+            M.status == MessageStatus.SENT.value,
+        )
+        .values(status=MessageStatus.FAILED.value)
+        .returning(M.conversation_id)
+    ).scalar()

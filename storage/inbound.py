@@ -4,7 +4,8 @@ edits. Units for storage.executor (plain functions of a `Connection`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from storage.answers import Answering, history, reserve
+from storage.handoff import RESOLVED, record_event
 from storage.models import MessageStatus, utcnow
 from storage.rows import ConversationNotFound, Duplicate, NewMessage, StoredMessage
 from storage.statements import (
@@ -22,6 +24,7 @@ from storage.statements import (
     CONTACT_AND_OPEN_CONVERSATION,
     CONTACTS,
     CONVERSATIONS,
+    LATEST_RESOLVED,
     MESSAGE_COLUMNS,
     MESSAGES,
     NAMED_CONVERSATION,
@@ -52,7 +55,6 @@ class Prepare:
     """Reserve the answer right away when nothing else of the conversation is waiting."""
 
     history_limit: int
-    trusted_channels: frozenset[str]
 
 
 def store_inbound(
@@ -70,7 +72,7 @@ def store_inbound(
     `find_by_external_id`); the caller's transaction rolls back either way.
     """
     stored, contact_id = _store(conn, target, m)
-    if prepare is None:
+    if prepare is None or stored.status != MessageStatus.RECEIVED.value:
         return stored, contact_id, None
     cid = stored.conversation_id
     rows = history(conn, cid, stored.id, prepare.history_limit)
@@ -81,9 +83,7 @@ def store_inbound(
         and conn.execute(BUSY, {"b_conversation": cid, "b_message": stored.id}).first()
     ):
         return stored, contact_id, None
-    answering = reserve(
-        conn, cid, stored.id, rows, prepare.trusted_channels, inbound=stored, reuse=False
-    )
+    answering = reserve(conn, cid, stored.id, rows, inbound=stored, reuse=False)
     return stored, contact_id, answering if isinstance(answering, Answering) else None
 
 
@@ -97,7 +97,9 @@ def _store(conn: Connection, target: InboundTarget, m: NewMessage) -> tuple[Stor
         ).first()
         if taken is None:
             raise ConversationNotFound(target.conversation_id)
-        seq, contact_id = taken
+        seq, contact_id, owner, csat_asked_at = taken
+        if owner == RESOLVED:
+            m = after_resolved(conn, target.conversation_id, csat_asked_at, m, now)
         stored = insert_message(
             conn, target.conversation_id, seq, target.channel, target.account, m, now
         )
@@ -106,11 +108,24 @@ def _store(conn: Connection, target: InboundTarget, m: NewMessage) -> tuple[Stor
         row = conn.execute(NAMED_CONVERSATION, {"b_id": target.conversation_id, **who}).first()
         if row is None:
             raise ConversationNotFound(target.conversation_id)
-        conversation_id, (contact_id, attributes) = target.conversation_id, row
+        conversation_id, (contact_id, attributes, owner, csat_asked_at) = (
+            target.conversation_id,
+            row,
+        )
+        if owner == RESOLVED:
+            m = after_resolved(conn, conversation_id, csat_asked_at, m, now)
     else:
         who["b_chat"] = target.chat_id
         contact_id, attributes, open_id = _contact_and_open_conversation(conn, target, who, now)
-        conversation_id = open_id if open_id is not None else _open(conn, target, contact_id, now)
+        if open_id is not None:
+            conversation_id = open_id
+        else:
+            resolved = conn.execute(LATEST_RESOLVED, {**who, "b_contact": contact_id}).first()
+            if resolved is not None:
+                conversation_id = resolved[0]
+                m = after_resolved(conn, conversation_id, resolved[1], m, now)
+            else:
+                conversation_id = _open(conn, target, contact_id, now)
     if target.contact_attributes:
         # The latest says who the contact is now (e.g. verified or anonymous).
         merged = {**(attributes or {}), **target.contact_attributes}
@@ -118,6 +133,42 @@ def _store(conn: Connection, target: InboundTarget, m: NewMessage) -> tuple[Stor
     seq = allocate_seq(conn, conversation_id, now)
     stored = insert_message(conn, conversation_id, seq, target.channel, target.account, m, now)
     return stored, int(contact_id)
+
+
+def after_resolved(
+    conn: Connection,
+    conversation_id: int,
+    csat_asked_at: datetime | None,
+    m: NewMessage,
+    now: datetime,
+) -> NewMessage:
+    """The shopper writes to a resolved conversation: a rating (1-5) answers the
+    satisfaction question and leaves it resolved (nothing to answer); anything else opens it
+    again for the bot (DESIGN.md, Conversation ownership)."""
+    rating = satisfaction_rating(m.text) if csat_asked_at is not None else None
+    if rating is not None:
+        conn.execute(
+            update(CONVERSATIONS)
+            .where(C.id == conversation_id)
+            .values(rating=rating, csat_asked_at=None, updated_at=now)
+        )
+        return replace(m, status=MessageStatus.SKIPPED.value)
+    conn.execute(
+        update(CONVERSATIONS)
+        .where(C.id == conversation_id)
+        .values(owner=BOT, assigned_agent_id=None, owner_since=now, csat_asked_at=None)
+    )
+    record_event(conn, conversation_id, RESOLVED, BOT, "shopper_wrote", None, None)
+    return m
+
+
+_RATING = re.compile(r"^\s*([1-5])\s*(?:分|星|stars?|/\s*5)?\s*[.!。！]?\s*$", re.IGNORECASE)
+
+
+def satisfaction_rating(text: str) -> int | None:
+    """1-5 from an answer to the satisfaction question ("4", "5分", "3 stars"), else None."""
+    found = _RATING.match(text)
+    return int(found.group(1)) if found else None
 
 
 def _contact_and_open_conversation(

@@ -110,6 +110,11 @@ class Conversation(Base):
     account: Mapped[str] = mapped_column(String(128))
     chat_id: Mapped[str] = mapped_column(String(255))  # where replies go on the platform
     owner: Mapped[str] = mapped_column(String(24), default=Owner.BOT.value)
+    # When the owner last changed: how long a conversation has waited for a person.
+    owner_since: Mapped[datetime | None] = mapped_column()
+    # The satisfaction question went out when it was resolved; the shopper's 1-5 answer.
+    csat_asked_at: Mapped[datetime | None] = mapped_column()
+    rating: Mapped[int | None] = mapped_column(Integer)
     assigned_agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id"))
     tier: Mapped[str | None] = mapped_column(String(32))  # sticky tier, set by orchestration
     last_seq: Mapped[int] = mapped_column(Integer, default=0)  # per-conversation sequence
@@ -204,4 +209,80 @@ class Agent(Base):
     name: Mapped[str] = mapped_column(String(128))
     email: Mapped[str] = mapped_column(String(255), unique=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    role: Mapped[str] = mapped_column(String(16), default="agent", server_default="agent")
+    password_hash: Mapped[str | None] = mapped_column(String(255))  # argon2
+
+
+class AgentCredential(Base):
+    """A console session (cookie) or a personal API token of an agent; only a hash of the
+    secret is stored."""
+
+    __tablename__ = "agent_credentials"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    agent_id: Mapped[int] = mapped_column(ForeignKey("agents.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # session | token
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex
+    csrf_token: Mapped[str | None] = mapped_column(String(64))  # sessions only
+    name: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column()
+
+
+class WebhookDelivery(Base):
+    """One attempt to deliver an event to a shop's webhook (the delivery log)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(String(1024))
+    attempt: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ConversationNote(Base):
+    """An agent's internal note on a conversation: never sent to the shopper."""
+
+    __tablename__ = "conversation_notes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id"), index=True)
+    agent_id: Mapped[int] = mapped_column(ForeignKey("agents.id"))
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WecomKfCursor(Base):
+    """Where the last `kf/sync_msg` pull of a WeChat Customer Service account stopped: the
+    next pull starts here, also after a restart."""
+
+    __tablename__ = "wecom_kf_cursors"
+
+    account: Mapped[str] = mapped_column(String(128), primary_key=True)
+    open_kfid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cursor: Mapped[str] = mapped_column(String(255))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RoutingExample(Base):
+    """A shopper's message as people labeled it: an agent took over a conversation the bot
+    kept (it should have gone to a person) or corrected its intents. `swarmdesk routing
+    train` learns from these."""
+
+    __tablename__ = "routing_examples"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id"), index=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"))
+    text: Mapped[str] = mapped_column(Text)
+    intents: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [] = not labeled
+    tier: Mapped[str | None] = mapped_column(String(16))
+    escalate: Mapped[bool | None] = mapped_column(Boolean)
+    source: Mapped[str] = mapped_column(String(16))  # "takeover" | "label"
+    agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

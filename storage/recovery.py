@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
-from storage.models import Direction, MessageStatus, utcnow
+from storage.models import Direction, MessageStatus, Sender, utcnow
 from storage.rows import StoredMessage
-from storage.statements import MESSAGE_COLUMNS, MESSAGES, M
+from storage.statements import BOT, MESSAGE_COLUMNS, MESSAGES, C, M
 
 
 @dataclass(slots=True)
@@ -28,10 +28,17 @@ def recover(conn: Connection) -> Recovery:
         .values(status=MessageStatus.ABANDONED.value, completed_at=utcnow())
         .returning(*MESSAGE_COLUMNS)
     ).all()
+    pending = (M.direction == Direction.OUT.value, M.status == MessageStatus.PENDING.value)
+    # The bot's answers to conversations a person took since: never sent (the bot does not
+    # talk over a human), whatever a restart interrupted.
+    taken = select(C.id).where(C.owner != BOT).scalar_subquery()
+    conn.execute(
+        update(MESSAGES)
+        .where(*pending, M.sender == Sender.BOT.value, M.conversation_id.in_(taken))
+        .values(status=MessageStatus.ABANDONED.value)
+    )
     undelivered = conn.execute(
-        select(*MESSAGE_COLUMNS)
-        .where(M.direction == Direction.OUT.value, M.status == MessageStatus.PENDING.value)
-        .order_by(M.conversation_id, M.seq)
+        select(*MESSAGE_COLUMNS).where(*pending).order_by(M.conversation_id, M.seq)
     ).all()
     unanswered = conn.execute(
         select(M.conversation_id, M.id)

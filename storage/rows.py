@@ -98,3 +98,23 @@ class Duplicate:
     conversation_id: int
     contact_id: int
     seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRow:
+    """A person of the shop's team (the console and the agent API)."""
+
+    id: int
+    name: str
+    email: str
+    role: str  # agent | admin
+    active: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "email": self.email,
+            "role": self.role,
+            "active": self.active,
+        }

@@ -53,7 +53,7 @@ _CONTACT_BY_PLATFORM_ID = (
     K.external_id == bindparam("b_user"),
 )
 NAMED_CONVERSATION = (
-    select(C.contact_id, K.attributes)
+    select(C.contact_id, K.attributes, C.owner, C.csat_asked_at)
     .join_from(CONVERSATIONS, CONTACTS, K.id == C.contact_id)
     .where(C.id == bindparam("b_id"), *_CONTACT_BY_PLATFORM_ID)
 )
@@ -72,6 +72,19 @@ CONTACT_AND_OPEN_CONVERSATION = select(
     .limit(1)
     .scalar_subquery(),
 ).where(*_CONTACT_BY_PLATFORM_ID)
+# The contact's latest resolved conversation in a chat (a new message opens it again).
+LATEST_RESOLVED = (
+    select(C.id, C.csat_asked_at)
+    .where(
+        C.contact_id == bindparam("b_contact"),
+        C.channel == bindparam("b_channel"),
+        C.account == bindparam("b_account"),
+        C.chat_id == bindparam("b_chat"),
+        C.owner == Owner.RESOLVED.value,
+    )
+    .order_by(C.id.desc())
+    .limit(1)
+)
 # A message to a named conversation of the contact: check and take a seq at once.
 ALLOCATE_SEQ_FOR_CONTACT = (
     update(CONVERSATIONS)
@@ -80,21 +93,23 @@ ALLOCATE_SEQ_FOR_CONTACT = (
         C.contact_id == select(K.id).where(*_CONTACT_BY_PLATFORM_ID).scalar_subquery(),
     )
     .values(last_seq=C.last_seq + 1)
-    .returning(C.last_seq, C.contact_id)
+    .returning(C.last_seq, C.contact_id, C.owner, C.csat_asked_at)
 )
 SET_CONTACT = update(CONTACTS).where(K.id == bindparam("b_id"))
 CONTACT_ATTRIBUTES = select(K.attributes).where(K.id == bindparam("b_id"))
+# A message as the model's context needs it (storage.rows.HistoryRow).
+HISTORY_COLUMNS = (
+    M.id,
+    M.seq,
+    M.direction,
+    M.sender,
+    M.text,
+    M.status,
+    # Only this of the routing JSON matters here: the database extracts it.
+    M.routing["degraded"].as_boolean(),
+)
 HISTORY = (
-    select(
-        M.id,
-        M.seq,
-        M.direction,
-        M.sender,
-        M.text,
-        M.status,
-        # Only this of the routing JSON matters here: the database extracts it.
-        M.routing["degraded"].as_boolean(),
-    )
+    select(*HISTORY_COLUMNS)
     .where(
         M.conversation_id == bindparam("b_conversation"),
         M.seq <= select(M.seq).where(M.id == bindparam("b_message")).scalar_subquery(),

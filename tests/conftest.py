@@ -96,6 +96,8 @@ def make_settings(db: str, sim_url: str, **overrides: Any) -> Settings:
         # Both chains two deep, so every turn can fall back whatever tier routing picks.
         "tiers": {"cheap": ["sim/sim-a", "sim/sim-b"], "premium": ["sim/sim-a", "sim/sim-b"]},
         "reply": {"turn_deadline_seconds": 15},
+        # Naming a provider makes this a real deployment: the tests keep the demo's parts.
+        "demo": {"allow": ["demo_shop", "demo_tools", "demo_site", "builtin_faq"]},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import re
 from importlib import resources
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import yaml
 
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+from orchestration.config import ToolSettings
+from orchestration.tools import ToolRunner
+
+DEMO_SHOPPER = "demo-shopper"  # owns ORD-1001 ... ORD-1008 in the demo data
 
 
 def demo_tools() -> list[dict[str, Any]]:
@@ -36,18 +36,17 @@ def openai_tools(names: list[str] | None = None) -> list[dict[str, Any]]:
     ]
 
 
-async def call_tool(http: httpx.AsyncClient, name: str, arguments_json: str) -> httpx.Response:
-    """Placeholders fill the path; other arguments go in the query (GET) or JSON body (POST)."""
-    tool = next(t for t in demo_tools() if t["name"] == name)
-    args = json.loads(arguments_json or "{}")
-    used: set[str] = set()
-
-    def fill(match: re.Match[str]) -> str:
-        used.add(match.group(1))
-        return quote(str(args[match.group(1)]), safe="")
-
-    url = _PLACEHOLDER.sub(fill, tool["url"])
-    rest = {k: v for k, v in args.items() if k not in used}
-    if tool["method"] == "GET":
-        return await http.get(url, params=rest)
-    return await http.request(tool["method"], url, json=rest)
+async def call_tool(
+    http: httpx.AsyncClient,
+    name: str,
+    arguments_json: str,
+    shop_user_id: str | None = DEMO_SHOPPER,
+) -> str:
+    """Run one demo tool with the service's own tool runner against the shop at `http`'s base
+    URL, for `shop_user_id` (None: an anonymous shopper); what the model would read."""
+    runner = ToolRunner(ToolSettings(**t) for t in demo_tools())
+    runner.base_url = str(http.base_url)
+    try:
+        return await runner.call(name, arguments_json, timeout_s=10, shop_user_id=shop_user_id)
+    finally:
+        await runner.aclose()

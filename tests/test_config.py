@@ -15,15 +15,21 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     return code, out.out + out.err
 
 
-def test_example_config_is_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_example_config_is_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     code, text = run(capsys, "config", "example")
     assert code == 0 and "providers:" in text
     f = tmp_path / "swarmdesk.yaml"
     f.write_text(text)
+    # A real deployment: no start while a named provider's key is missing.
+    code, report = run(capsys, "config", "check", str(f))
+    assert code == 1 and "DEEPSEEK_API_KEY is not set" in report
+    for var in ("DEEPSEEK_API_KEY", "MOONSHOT_API_KEY", "SWARMDESK_METRICS_TOKEN"):
+        monkeypatch.setenv(var, "x")
     code, report = run(capsys, "config", "check", str(f))
     assert code == 0, report
     assert "OK" in report
-    assert "DEEPSEEK_API_KEY is not set" in report
 
 
 def test_mistakes_are_explained_with_their_path(
@@ -84,3 +90,33 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     f.write_text("server: {port: 8080}\n")
     monkeypatch.setenv("SWARMDESK_SERVER__PORT", "9191")
     assert load_settings(f).server.port == 9191
+
+
+def test_wecom_kf_mistakes_are_explained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "kf.yaml"
+    f.write_text(
+        """
+channels:
+  wecom_kf:
+    enabled: true
+    corp_id: ww123
+    path: wecom/kf
+    accounts:
+      - {name: shop, open_kfid: wk1, handoff_to: servicer}
+      - {name: shop2, open_kfid: wk1, recepton: wecom}
+"""
+    )
+    code, report = run(capsys, "config", "check", str(f))
+    assert code == 1
+    assert "channels.wecom_kf.path: 'wecom/kf' is not a URL path" in report
+    assert "account 'shop': handoff_to 'servicer' needs servicer_userid" in report
+    assert "accounts[1].recepton: unknown key - did you mean 'reception'?" in report
+    f.write_text(
+        "channels:\n  wecom_kf:\n    enabled: true\n    corp_id: ww123\n"
+        "    accounts: [{name: shop, open_kfid: wk1}]\n"
+    )
+    code, report = run(capsys, "config", "check", str(f))
+    assert code == 1
+    assert "enabled, but secret_env, aes_key_env, token (or token_env) not set" in report

@@ -16,17 +16,25 @@ from bot.settings import Settings
 from simulator.config import SimulatorConfig
 from simulator.server import Simulator
 from storage.models import Conversation, HandoffEvent, LLMCall, Message
+from tests.demo_tools import DEMO_SHOPPER
 from tests.support import RunningService, sse_events, start_service
 
 
 async def ask(
-    svc: RunningService, text: str, contact: str = "sam", conversation_id: int | None = None
+    svc: RunningService,
+    text: str,
+    contact: str = "sam",
+    conversation_id: int | None = None,
+    shop_user_id: str | None = DEMO_SHOPPER,
 ) -> tuple[int, int, str, dict[str, Any]]:
     """Post a message and read its streamed answer; (conversation, message, deltas, final).
+    The caller vouches for `shop_user_id` (the demo orders' owner by default; None: anonymous).
 
     In a known conversation the stream is opened before posting, so even an instant answer
     (a template) is seen delta by delta."""
     body: dict[str, Any] = {"contact_id": contact, "text": text}
+    if shop_user_id is not None:
+        body["shop_user_id"] = shop_user_id
     if conversation_id is None:
         r = await svc.post(**body)
         assert r.status_code == 202, r.text
@@ -100,7 +108,9 @@ async def test_where_is_my_order_is_answered_from_the_shop_backend(svc: RunningS
     assert replies[0].specialist in ("logistics", "order_status")
     assert [c.purpose for c in replies] == ["reply", "tool_followup"]
     # The answer quotes the demo backend's own data for that order.
-    order = (await svc.client.get("/demo-shop/api/orders/ORD-1001")).json()
+    order = (
+        await svc.client.get("/demo-shop/api/orders/ORD-1001?shop_user_id=demo-shopper")
+    ).json()
     assert order["tracking_number"] in final["text"] or order["courier"] in final["text"]
     routing = (await inbound(svc, mid)).routing
     assert routing is not None
@@ -133,7 +143,9 @@ async def test_several_intents_run_their_specialists_in_parallel(
     calls = await calls_for(svc, mid)
     specialists = {c.specialist for c in calls if c.purpose in ("reply", "tool_followup")}
     assert {"logistics", "discount"} <= specialists
-    assert any(c.purpose == "aggregate" for c in calls)
+    # Parts that cannot contradict each other are joined as written: no composing call.
+    assert not any(c.purpose == "aggregate" for c in calls)
+    assert len(final["text"].split("\n\n")) == 2, "both parts, each once"
     assert simulator.stats.peak_active >= 2, "the specialists' model calls overlapped"
 
 

@@ -90,6 +90,7 @@ async def service_proc(tmp_path: Path, simulator: Simulator) -> AsyncIterator[Se
                 ],
                 "tiers": {"cheap": ["sim/sim-a"]},
                 "log": {"format": "json", "level": "info"},
+                "demo": {"allow": ["demo_shop", "demo_tools", "demo_site", "builtin_faq"]},
             }
         )
     )

@@ -45,7 +45,7 @@ def test_route_explains_faq_and_json(config: str, capsys: pytest.CaptureFixture[
 
 
 def test_route_with_llm_on_the_simulator(config: str, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run(capsys, "--config", config, "route", "--llm", "hmm so about that thing")
+    code, out = run(capsys, "--config", config, "route", "--llm", "lorem ipsum dolor")
     assert code == 0
     assert "stage       llm" in out
     assert "llm answer  {" in out and "llm call    simulator/sim-cheap ok" in out
@@ -93,7 +93,7 @@ def test_eval_routing_with_llm_calls_the_model_only_when_unsure(
     rows = [
         {"text": "转人工", "intents": ["human"], "tier": "cheap", "escalate": True},
         {
-            "text": "hmm so about that thing",
+            "text": "lorem ipsum dolor",
             "intents": ["other"],
             "tier": "cheap",
             "escalate": False,

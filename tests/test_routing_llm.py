@@ -14,7 +14,7 @@ from orchestration.routing import Router, RoutingSettings, parse_verdict, regist
 from simulator.fakes.json_model import JsonModel
 from simulator.server import Simulator
 
-VAGUE = "hmm so about that thing"  # nothing the local stages can be sure of
+VAGUE = "lorem ipsum dolor"  # nothing the local stages know: the model is unsure
 LABELS = ("logistics", "refund", "complaint", "other")
 
 

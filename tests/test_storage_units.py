@@ -16,7 +16,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from storage import answers, db, executor, inbound, reads, statements
+from storage import agents, answers, db, executor, handoff, inbound, reads, recovery, statements
 from storage.models import Direction, MessageStatus, Sender
 from storage.rows import NewMessage, StoredMessage
 
@@ -49,6 +49,26 @@ def _inbound(text: str, external_id: str | None = None) -> NewMessage:
         MessageStatus.RECEIVED.value,
         text=text,
         external_id=external_id,
+    )
+
+
+def _final(
+    q: StoredMessage, begun: answers.Answering, text: str, *, delivered: bool
+) -> answers.FinalAnswer:
+    return answers.FinalAnswer(
+        conversation_id=q.conversation_id,
+        inbound_id=q.id,
+        out_id=begun.out_id,
+        out_seq=begun.seq,
+        out_created_at=begun.out_created_at,
+        text=text,
+        calls=[],
+        model=None,
+        tier=None,
+        first_delta_ms=None,
+        latency_ms=1.0,
+        routing=None,
+        delivered=delivered,
     )
 
 
@@ -171,7 +191,6 @@ async def test_an_answer_is_reserved_only_while_the_bot_owns_the_conversation(
             conversation_id=q.conversation_id,
             message_id=q.id,
             history_limit=40,
-            trusted_channels=frozenset({"api"}),
             with_inbound=True,
         )
     )
@@ -188,24 +207,7 @@ async def test_an_answer_is_reserved_only_while_the_bot_owns_the_conversation(
         )
     )
     final = await units.write(
-        partial(
-            answers.finish_answer,
-            a=answers.FinalAnswer(
-                conversation_id=q.conversation_id,
-                inbound_id=q.id,
-                out_id=begun.out_id,
-                out_seq=begun.seq,
-                out_created_at=begun.out_created_at,
-                text="It ships today.",
-                calls=[],
-                model=None,
-                tier=None,
-                first_delta_ms=None,
-                latency_ms=1.0,
-                routing=None,
-                delivered=True,
-            ),
-        )
+        partial(answers.finish_answer, a=_final(q, begun, "It ships today.", delivered=True))
     )
     assert final.status == MessageStatus.ABANDONED.value
     statuses = await units.read(
@@ -226,7 +228,6 @@ async def test_an_answer_is_reserved_only_while_the_bot_owns_the_conversation(
             conversation_id=q.conversation_id,
             message_id=q2.id,
             history_limit=40,
-            trusted_channels=frozenset({"api"}),
             with_inbound=False,
         )
     )
@@ -236,7 +237,7 @@ async def test_an_answer_is_reserved_only_while_the_bot_owns_the_conversation(
 async def test_an_idle_conversation_gets_the_answer_reserved_with_the_message(
     units: executor.Database,
 ) -> None:
-    prepare = inbound.Prepare(40, frozenset({"api"}))
+    prepare = inbound.Prepare(40)
 
     async def post(text: str, cid: int | None) -> tuple[StoredMessage, answers.Answering | None]:
         row, _, answering = await units.write(
@@ -253,7 +254,7 @@ async def test_an_idle_conversation_gets_the_answer_reserved_with_the_message(
     # history it loads is too short to show the open one).
     second, none = await post("and another thing", first.conversation_id)
     assert none is None and second.seq == first.seq + 2
-    prepare = inbound.Prepare(1, frozenset({"api"}))
+    prepare = inbound.Prepare(1)
     third, none = await post("hello?", first.conversation_id)
     assert none is None and third.seq == second.seq + 1
     # The worker asking for the reserved answer gets the same one, not a second.
@@ -263,7 +264,6 @@ async def test_an_idle_conversation_gets_the_answer_reserved_with_the_message(
             conversation_id=first.conversation_id,
             message_id=first.id,
             history_limit=40,
-            trusted_channels=frozenset({"api"}),
             with_inbound=False,
         )
     )
@@ -322,3 +322,38 @@ async def test_sqlite_writer_puts_urgent_units_first_and_commits_waiting_ones_to
     finally:
         await database.close()
         await engine.dispose()
+
+
+async def test_a_restart_never_sends_the_bot_answer_of_a_conversation_a_person_took(
+    units: executor.Database,
+) -> None:
+    q = await _post(units, "eve", "where is my order?")
+    begun = await units.write(
+        partial(
+            answers.begin_answer,
+            conversation_id=q.conversation_id,
+            message_id=q.id,
+            history_limit=40,
+            with_inbound=False,
+        )
+    )
+    assert isinstance(begun, answers.Answering)
+    # Stored, not yet sent: then the process died.
+    final = _final(q, begun, "It ships today.", delivered=False)
+    assert (await units.write(partial(answers.finish_answer, a=final))).status == "pending"
+    agent = await units.write(
+        partial(agents.add_agent, name="Mia", email="mia@x.test", role="agent", password_hash=None)
+    )
+    await units.write(
+        partial(
+            handoff.move,
+            conversation_id=q.conversation_id,
+            action="claim",
+            actor_id=agent.id,
+            admin=False,
+        )
+    )
+    found = await units.write(recovery.recover)
+    assert found.undelivered == []
+    got = await units.read(partial(reads.get_message, message_id=begun.out_id))
+    assert got is not None and got.status == "abandoned"

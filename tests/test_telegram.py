@@ -479,3 +479,75 @@ async def test_polling_mode_answers_updates_from_get_updates(
     answer = (await tg.answers(chat))[0]
     assert [m.text for m in await tg.visible(chat)] == [answer.text]
     assert any(c.method == "deletewebhook" for c in tg.api.calls)
+
+
+# --- a person takes over: the bot stops sending at once ------------------------------------
+
+
+async def test_claim_while_the_final_waits_out_a_429_sends_nothing_of_the_bot(tg: Tg) -> None:
+    from tests.test_agents_console import Console, _agent
+
+    chat = 5101
+    await _agent(tg.svc, "mia")
+    mia = Console(tg.svc, "mia")
+    try:
+        await mia.sign_in()
+        tg.api.fail_next("sendMessage", chat_id=chat, retry_after=2)
+        await tg.post(tg.updates.text(chat, "Is the jacket available in M?"))
+
+        async def paused() -> bool:
+            return any(c.status == 429 for c in tg.api.calls_to(chat, "sendMessage"))
+
+        await eventually(paused)  # the final answer waits for the chat to open again
+        cid = (await tg.conversation(chat)).id
+        assert (await mia.post(f"/conversations/{cid}/claim")).status_code == 200
+
+        async def settled() -> list[Message] | None:
+            bot = [m for m in await tg.stored(chat) if m.sender == "bot"]
+            return bot if bot and bot[0].status not in ("streaming", "pending") else None
+
+        assert [m.status for m in await eventually(settled)] == ["abandoned"]
+        actions_before = len(tg.api.calls_to(chat, "sendChatAction"))
+        assert (await mia.post(f"/conversations/{cid}/typing")).status_code == 200
+        assert len(tg.api.calls_to(chat, "sendChatAction")) == actions_before + 1
+        r = await mia.post(f"/conversations/{cid}/reply", {"text": "Hi, Mia here."})
+        assert r.status_code == 200
+        shown = await tg.visible(chat)
+        assert [m.text for m in shown] == ["Hi, Mia here."], "only the person's message"
+        # Handed back, the bot answers the next message again.
+        assert (await mia.post(f"/conversations/{cid}/handback")).status_code == 200
+        await tg.post(tg.updates.text(chat, "Thanks! And the blue one?"))
+        await tg.answers(chat)
+        assert len(await tg.visible(chat, 2)) == 2
+    finally:
+        await mia.close()
+
+
+async def test_claim_during_streaming_stops_the_drafts(tg: Tg) -> None:
+    from tests.test_agents_console import Console, _agent
+
+    chat = 5102
+    await _agent(tg.svc, "mia")
+    mia = Console(tg.svc, "mia")
+    try:
+        await mia.sign_in()
+        await tg.post(tg.updates.text(chat, "Where is my parcel? [[sim:tokens=60,tps=10]]"))
+
+        async def drafting() -> bool:
+            return len(tg.api.drafts_to(chat)) >= 1
+
+        await eventually(drafting)
+        cid = (await tg.conversation(chat)).id
+        assert (await mia.post(f"/conversations/{cid}/claim")).status_code == 200
+
+        async def settled() -> list[Message] | None:
+            bot = [m for m in await tg.stored(chat) if m.sender == "bot"]
+            return bot if bot and bot[0].status != "streaming" else None
+
+        assert [m.status for m in await eventually(settled)] == ["abandoned"]
+        drafts_then = len(tg.api.drafts_to(chat))
+        await asyncio.sleep(1.5)  # what the bot would have streamed meanwhile
+        assert len(tg.api.drafts_to(chat)) <= drafts_then + 1  # one may have been in flight
+        assert tg.api.sent(chat) == []
+    finally:
+        await mia.close()

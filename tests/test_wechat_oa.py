@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from bot.settings import Settings
+from channels.wechat.official import OfficialAccountChannel
 from simulator.fakes.wechat_api import (
     DOC_AES_KEY,
     DOC_APPID,
@@ -219,6 +221,10 @@ async def test_fast_answer_is_the_passive_reply(
 
 async def test_safe_mode_with_the_documented_sample_message(wx: Wx) -> None:
     wx.api.user_wrote(DOC_FROM)
+    # The sample was signed years ago: the replay window must see the service's clock then.
+    channel = wx.svc.services.channels["wechat"]
+    assert isinstance(channel, OfficialAccountChannel)
+    channel.replay.clock = lambda: float(DOC_TIMESTAMP)
     params = {
         "signature": sha1_sign(DOC_TOKEN, DOC_TIMESTAMP, DOC_NONCE),
         "timestamp": DOC_TIMESTAMP,
@@ -235,6 +241,7 @@ async def test_safe_mode_with_the_documented_sample_message(wx: Wx) -> None:
     reply = wx.safe.reply(r)  # decrypted with the sample key; its MsgSignature checked
     assert reply is not None and reply["Content"] == answer.text
     assert reply["ToUserName"] == DOC_FROM
+    channel.replay.clock = time.time
 
     # A message the client encrypts itself is answered the same way...
     user, msg_id = openid(), wx.safe.msg_id()
@@ -509,3 +516,71 @@ async def test_concurrent_tries_of_one_message_store_it_once(wx: Wx) -> None:
     got = [t for t in texts if t] + wx.api.texts(user)
     assert got == [answer.text], "one answer, carried by exactly one of the tries"
     assert len(await wx.answers(msg_id)) == 1
+
+
+# --- people: a person takes over, answers through the customer-service API, hands back ----
+
+
+async def test_a_person_answers_through_the_api_and_hands_back(wx: Wx) -> None:
+    from tests.test_agents_console import Console, _agent
+
+    await _agent(wx.svc, "wang")
+    wang = Console(wx.svc, "wang")
+    try:
+        await wang.sign_in()
+        user, msg_id = openid(), wx.shop.msg_id()
+        r = await wx.shop.send_text(user, "转人工", msg_id)
+        assert wx.shop.reply_text(r) == "人工客服稍后会加入对话。"
+        cid = (await wx.conversation(msg_id)).id
+        assert [c["id"] for c in await wang.waiting()] == [cid]
+        assert (await wang.post(f"/conversations/{cid}/claim")).status_code == 200
+        r = await wang.post(f"/conversations/{cid}/reply", {"text": "您好，我是客服小王。"})
+        assert r.status_code == 200 and r.json()["status"] == "sent"
+        assert wx.api.texts(user) == ["您好，我是客服小王。"]
+        # While the person has it the bot stays silent: no passive reply, no API message.
+        later = wx.shop.msg_id()
+        r = await wx.shop.send_text(user, "我的订单 ORD-1001 到哪了？", later)
+        assert wx.shop.reply_text(r) is None
+        await eventually(lambda: _status_is(wx, later, "human"))
+        assert wx.api.texts(user) == ["您好，我是客服小王。"]
+        assert (await wang.post(f"/conversations/{cid}/handback")).status_code == 200
+        again = wx.shop.msg_id()
+        await wx.shop.send_text(user, "那耳机可以退吗？", again)
+        assert (await wx.settled_answer(again)).status == "sent"
+    finally:
+        await wang.close()
+
+
+async def test_claim_while_pieces_stream_stops_the_pieces(wx: Wx) -> None:
+    from tests.test_agents_console import Console, _agent
+
+    await _agent(wx.svc, "wang")
+    wang = Console(wx.svc, "wang")
+    try:
+        await wang.sign_in()
+        user, msg_id = openid(), wx.busy.msg_id()
+        slow_long = "给我详细讲讲这件羊毛大衣的面料和保养方法 [[sim:tokens=1400]] [[sim:tps=120]]"
+        await wx.busy.send_text(user, slow_long, msg_id)
+
+        async def first_piece() -> bool:
+            return len(wx.api.texts(user, "custom")) >= 1
+
+        await eventually(first_piece)
+        cid = (await wx.conversation(msg_id)).id
+        assert (await wang.post(f"/conversations/{cid}/claim")).status_code == 200
+        pieces_then = len(wx.api.texts(user, "custom"))
+
+        async def settled() -> Any:
+            a = await wx.answers(msg_id)
+            return a if a and a[0].status not in ("streaming", "pending") else None
+
+        assert [a.status for a in await eventually(settled)] == ["abandoned"]
+        await asyncio.sleep(1.0)  # what the bot would have sent meanwhile
+        assert len(wx.api.texts(user, "custom")) <= pieces_then + 1  # one may have been on its way
+    finally:
+        await wang.close()
+
+
+async def _status_is(wx: Wx, external_id: str, status: str) -> bool:
+    m = await wx.inbound(external_id)
+    return m is not None and m.status == status

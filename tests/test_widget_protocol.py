@@ -455,7 +455,9 @@ async def test_demo_page_embeds_the_widget_with_one_script_tag(svc: RunningServi
     async with httpx.AsyncClient(base_url=svc.base_url) as c:
         page = await c.get("/")
         assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
-        assert '<script src="/widget/v1/widget.js" data-site="demo" async></script>' in page.text
+        # One tag; the demo signs its visitor in as the demo shopper (who owns demo orders).
+        tag = '<script src="/widget/v1/widget.js" data-site="demo" data-user-id="demo-shopper" '
+        assert tag in page.text
         total_gz = 0
         for name in ("widget.js", "widget.css"):
             r = await c.get(f"/widget/v1/{name}", headers={"Accept-Encoding": "gzip"})

@@ -23,7 +23,7 @@ from bot.app import SERVICES, build_app
 from bot.settings import Settings
 from channels.widget.channel import WidgetChannel
 from channels.widget.config import WidgetSettings
-from tests.support import RunningService
+from tests.support import RunningService, start_service
 
 SECRET_ENV = "TEST_WIDGET_SECRET"
 SECRET = "shop-identity-secret"
@@ -215,3 +215,20 @@ class ShopServer:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+
+
+async def start_widget_service(
+    db_url: str,
+    factory: Callable[..., Settings],
+    tmp_path: Path,
+    monkeypatch: Any,
+    **widget: Any,
+) -> RunningService:
+    """The service with `widget_config`'s sites (the identity secret set); `widget` adds to
+    or replaces keys of the widget section (`attachments` is merged)."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    config = widget_config(tmp_path)
+    attachments = widget.pop("attachments", {})
+    config["widget"]["attachments"].update(attachments)
+    config["widget"].update(widget)
+    return await start_service(factory(db_url, channels=config))

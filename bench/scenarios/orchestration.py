@@ -579,6 +579,9 @@ def _result(
     canned_outcomes: Counter[str] = Counter()  # what the calls of canned turns ended as
     canned_no_attempt = 0  # canned turns where a specialist got no model call at all
     spec_counts: Counter[int] = Counter()
+    by_parts: dict[str, dict[str, list[float]]] = {
+        shape: {"first_delta": [], "final": []} for shape in ("single", "multi")
+    }
     by_category: dict[str, dict[str, Any]] = {}
     partial = no_model = duplicates = over_deadline_service = 0
     agree = routed = 0
@@ -637,6 +640,13 @@ def _result(
             examples["canned"].append((turn_ms, _example(x, rec, answer)))
         specialists = routing.get("specialists") or []
         spec_counts[len(specialists)] += 1
+        if kind == "model" and x.final is not None:
+            # Model answers by how many specialists (parts) they had: issue 14's figures.
+            shape = "multi" if len(specialists) > 1 else "single"
+            if (v := x.ms(x.first_delta)) is not None:
+                by_parts[shape]["first_delta"].append(v)
+            if (v := x.ms(x.final)) is not None:
+                by_parts[shape]["final"].append(v)
         results = routing.get("specialist_results") or {}
         if kind == "canned":
             canned_outcomes.update(str(c["outcome"]) for c in rec.calls)
@@ -771,6 +781,11 @@ def _result(
             "service_turn": stats.summarize(db_latency),
             "final_minus_service_turn": stats.summarize(before_turn),
             "final_p50_by_third_of_load": thirds,
+            # model answers of one specialist vs several (a multi-part question)
+            "by_parts": {
+                shape: {k: stats.summarize(v) for k, v in figures.items()}
+                for shape, figures in by_parts.items()
+            },
         },
         "turn_deadline": {
             "seconds": deadline_s,
@@ -908,6 +923,11 @@ def _summary(r: dict[str, Any], files: Sequence[Path]) -> str:
         report.latency_header("latency, ms from POST sent", 30),
         _row("first delta", lat["first_delta"]),
         _row("final", lat["final"]),
+        *(
+            _row(f"  {shape}-part {k.replace('_', ' ')}", s)
+            for shape, figures in lat.get("by_parts", {}).items()
+            for k, s in figures.items()
+        ),
         _row("service turn (db latency_ms)", lat["service_turn"]),
         _row("final - service turn", lat["final_minus_service_turn"]),
         _row("simulator first token (direct)", r["simulator_baseline_ms"]["first_token"]),

@@ -3,6 +3,10 @@
 A stand-in for a shop's own backend, so the specialists' tools have something real to call
 on the embedded defaults. JSON in and out; errors are {"error": code, "detail": text} (plus
 "detail_zh" where a shopper would read it), 404 for ids that don't exist.
+
+Orders, parcels and refunds are a shopper's own: each call names the shop user it is for
+(`shop_user_id`, which swarmdesk fills from the verified identity), and another shopper's
+order is as unknown as one that does not exist.
 """
 
 from __future__ import annotations
@@ -42,6 +46,30 @@ def _order_id(raw: str) -> str:
     """'ord-1001', ' ORD-1001 ' and '1001' all name ORD-1001."""
     value = raw.strip().upper()
     return f"ORD-{value}" if value.isdigit() else value
+
+
+def _shopper(request: web.Request, body: dict[str, Any] | None = None) -> str:
+    """The shop user a call is for (query string, or the JSON body of a POST)."""
+    value = request.query.get("shop_user_id") if body is None else body.get("shop_user_id")
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(
+            400, "missing_shop_user_id", "shop_user_id is required: whose order is this?"
+        )
+    return value.strip()
+
+
+def _owned_order(request: web.Request, raw_id: str, shopper: str) -> dict[str, Any]:
+    """The order, if it is the shopper's; someone else's is reported exactly like a missing
+    one, so ids cannot be probed."""
+    oid = _order_id(raw_id)
+    order = request.app[_DATA].orders.get(oid)
+    if order is None or order.get("customer_id") != shopper:
+        raise ApiError(
+            404,
+            "order_not_found",
+            f"no order {oid} in this shopper's account; order ids look like ORD-1001",
+        )
+    return order
 
 
 def _order_view(request: web.Request, order: dict[str, Any]) -> dict[str, Any]:
@@ -86,16 +114,16 @@ async def index(request: web.Request) -> web.Response:
         {
             "name": "swarmdesk demo shop",
             "endpoints": [
-                "GET /demo-shop/api/orders/{order_id}",
-                "GET /demo-shop/api/tracking/{tracking_number}",
+                "GET /demo-shop/api/orders/{order_id}?shop_user_id=...",
+                "GET /demo-shop/api/tracking/{tracking_number}?shop_user_id=...",
                 "GET /demo-shop/api/products?q=...",
                 "GET /demo-shop/api/products/{sku}",
                 "GET /demo-shop/api/coupons/{code}",
                 "GET /demo-shop/api/promotions",
-                "POST /demo-shop/api/refunds {order_id, reason}",
+                "POST /demo-shop/api/refunds {order_id, reason, shop_user_id}",
             ],
             "sample_ids": {
-                "order_id": "ORD-1001 ... ORD-1030",
+                "order_id": "ORD-1001 ... ORD-1008 (shop_user_id demo-shopper)",
                 "sku": sorted(request.app[_DATA].products)[:3],
                 "coupon": ["SAVE50", "DOUBLE11", "SUMMER30"],
             },
@@ -104,17 +132,16 @@ async def index(request: web.Request) -> web.Response:
 
 
 async def get_order(request: web.Request) -> web.Response:
-    oid = _order_id(request.match_info["order_id"])
-    order = request.app[_DATA].orders.get(oid)
-    if order is None:
-        raise ApiError(404, "order_not_found", f"no order {oid}; order ids look like ORD-1001")
+    order = _owned_order(request, request.match_info["order_id"], _shopper(request))
     return web.json_response(_order_view(request, order))
 
 
 async def get_tracking(request: web.Request) -> web.Response:
+    shopper = _shopper(request)
     number = request.match_info["tracking_number"].strip().upper()
-    parcel = request.app[_DATA].tracking.get(number)
-    if parcel is None:
+    data = request.app[_DATA]
+    parcel = data.tracking.get(number)
+    if parcel is None or data.parcel_owner.get(number) != shopper:
         raise ApiError(
             404,
             "tracking_not_found",
@@ -197,10 +224,8 @@ async def request_refund(request: web.Request) -> web.Response:
         raise ApiError(
             400, "reason_too_long", f"keep the reason under {refunds.MAX_REASON_CHARS} characters"
         )
-    oid = _order_id(raw_id)
-    order = request.app[_DATA].orders.get(oid)
-    if order is None:
-        raise ApiError(404, "order_not_found", f"no order {oid}; order ids look like ORD-1001")
+    order = _owned_order(request, raw_id, _shopper(request, body))
+    oid = order["id"]
     current = _order_view(request, order)
     now = _now()
     refused = refunds.refusal(current, now)

@@ -41,6 +41,7 @@ class ShopData:
     tracking: dict[str, dict[str, Any]]
     coupons: dict[str, dict[str, Any]]
     promotions: list[dict[str, Any]]
+    parcel_owner: dict[str, str]  # tracking number -> the shop user whose order it carries
 
     def search_products(self, query: str, category: str | None = None) -> list[dict[str, Any]]:
         """Products whose English/Chinese names, categories or keywords match `query`, best first.
@@ -123,6 +124,11 @@ def build(raw: dict[str, Any], now: datetime) -> ShopData:
         tracking={t["tracking_number"]: t for t in data["tracking"]},
         coupons={c["code"]: c for c in data["coupons"]},
         promotions=list(data["promotions"]),
+        parcel_owner={
+            o["tracking_number"]: o["customer_id"]
+            for o in data["orders"]
+            if o.get("tracking_number")
+        },
     )
 
 

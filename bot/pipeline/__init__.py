@@ -28,6 +28,7 @@ from bot.workqueue import WorkQueue
 from channels.base import Channel
 from orchestration.config import ReplySettings
 from orchestration.orchestrator import Orchestrator
+from orchestration.summary import Summarise
 from storage.executor import Database
 
 
@@ -48,8 +49,9 @@ class Pipeline:
         channels: Mapping[str, Channel],
         reply: ReplySettings,
         chat_locks: LockStore | None = None,
+        summarise: Summarise | None = None,
     ) -> Pipeline:
-        parts = Parts.of(db, hub, channels)
+        parts = Parts.of(db, hub, channels, summarise)
         locks = chat_locks if chat_locks is not None else KeyedLocks()
         host = Host(parts, queue, locks, reply.history_messages)
         return cls(parts, host, TurnWorker(parts, orchestrator, reply), queue)
@@ -67,4 +69,5 @@ class Pipeline:
 
     async def close(self) -> None:
         """After the work queue drained: close the database threads."""
+        await self.parts.summaries.close()
         await self.parts.db.close()

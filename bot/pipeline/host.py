@@ -11,7 +11,7 @@ from functools import partial
 from sqlalchemy.exc import IntegrityError
 
 from bot import metrics
-from bot.hub import Hub
+from bot.hub import Hub, owner_event
 from bot.locks import LockStore
 from bot.pipeline.outbox import delivery_status
 from bot.pipeline.parts import Parts
@@ -25,10 +25,10 @@ from channels.base import (
     UnknownConversation,
     message_event,
 )
-from storage import answers, inbound, reads
+from storage import answers, handoff, inbound, reads
 from storage.answers import Answering
-from storage.models import Direction, MessageStatus, Sender, utcnow
-from storage.rows import ConversationNotFound, NewMessage
+from storage.models import Direction, MessageStatus, Owner, Sender, utcnow
+from storage.rows import AgentRow, ConversationNotFound, NewMessage
 
 
 class Host:
@@ -40,7 +40,7 @@ class Host:
         self.queue = queue
         # Two first messages of one new chat must not open two conversations.
         self._chat_locks = chat_locks
-        self._prepare = inbound.Prepare(history_limit, parts.trusted_channels)
+        self._prepare = inbound.Prepare(history_limit)
 
     @property
     def events(self) -> Hub:
@@ -73,10 +73,15 @@ class Host:
             message.conversation_id,
             message.contact_attributes,
         )
+        status = MessageStatus.RECEIVED if message.answer else MessageStatus.SKIPPED
+        direction, sender = Direction.IN, Sender.CONTACT
+        if message.sender == "agent":
+            # A person wrote it on the platform itself (a WeCom servicer): delivered already.
+            direction, sender, status = Direction.OUT, Sender.AGENT, MessageStatus.SENT
         new = NewMessage(
-            Direction.IN.value,
-            Sender.CONTACT.value,
-            (MessageStatus.RECEIVED if message.answer else MessageStatus.SKIPPED).value,
+            direction.value,
+            sender.value,
+            status.value,
             text=message.text,
             kind=message.kind,
             external_id=message.external_id,
@@ -176,6 +181,78 @@ class Host:
 
     async def request_handoff(self, conversation_id: int, reason: str, detail: str = "") -> bool:
         return await self.parts.outbox.request_handoff(conversation_id, reason, detail)
+
+    async def agent_typing(self, conversation_id: int) -> None:
+        """A person is writing in the console: the shopper sees it where the channel can."""
+        conv = await self.get_conversation(conversation_id)
+        if conv is None:
+            raise UnknownConversation(conversation_id)
+        channel = self.channels.get(conv.channel)
+        if channel is None:
+            return
+        if channel.capabilities.event_bus_delivery:
+            seq = await self.resume_point(conversation_id) + 1
+            self.hub.signal(
+                ConversationEvent(conversation_id, "typing", seq, None, {"by": "agent"})
+            )
+        else:
+            await channel.agent_typing(conv)
+
+    async def change_owner(
+        self, conversation_id: int, action: str, agent: AgentRow, target_id: int | None = None
+    ) -> handoff.Moved:
+        """An agent's move (storage.handoff.MOVES): stored with its event; the bot stops
+        answering a conversation a person takes and starts again when handed back; the
+        console hears of it. Raises OwnerRefused, UnknownConversation."""
+        return await self._move(
+            conversation_id, action, agent.id, agent.role == "admin", target_id, None
+        )
+
+    async def answer_not_delivered(self, question_id: int, detail: str) -> bool:
+        cid = await self.db.write(partial(answers.answer_failed, question_id=question_id))
+        if cid is None:
+            return False
+        await self.parts.outbox.request_handoff(cid, "send_failed", detail)
+        return True
+
+    async def platform_move(self, conversation_id: int, action: str, reason: str) -> bool:
+        """A move the platform made (a WeCom servicer took or ended the session)."""
+        moved = await self._move(conversation_id, action, None, True, None, reason)
+        return moved.changed
+
+    async def _move(
+        self,
+        conversation_id: int,
+        action: str,
+        actor_id: int | None,
+        admin: bool,
+        target_id: int | None,
+        reason: str | None,
+    ) -> handoff.Moved:
+        try:
+            moved = await self.db.write(
+                partial(
+                    handoff.move,
+                    conversation_id=conversation_id,
+                    action=action,
+                    actor_id=actor_id,
+                    admin=admin,
+                    target_id=target_id,
+                    reason=reason,
+                ),
+                urgent=True,
+            )
+        except ConversationNotFound as e:
+            raise UnknownConversation(conversation_id) from e
+        owner = moved.conversation.owner
+        if owner == Owner.BOT.value:
+            self.parts.taken.discard(conversation_id)
+        else:
+            self.parts.taken.add(conversation_id)
+        if moved.changed:
+            metrics.OWNER_CHANGES.labels(action).inc()
+            self.hub.announce(owner_event(conversation_id, owner, action, reason))
+        return moved
 
     async def record_edit(self, channel: str, account: str, external_id: str, text: str) -> bool:
         view = await self.db.write(

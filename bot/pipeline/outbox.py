@@ -4,23 +4,36 @@ recovery (answers stored before a crash but never confirmed)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
 import structlog
 
-from channels.base import Delivery
-from storage import answers, handoff
+from bot import metrics
+from bot.hub import Hub, owner_event
+from bot.pipeline.summaries import HandoffSummaries
+from channels.base import Channel, ConversationRef, Delivery, may_send
+from storage import answers, handoff, reads
 from storage.executor import Database
+from storage.handoff import WAITING
 from storage.models import MessageStatus
 
 log = structlog.get_logger(__name__)
 
 
 class Outbox:
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self,
+        db: Database,
+        channels: Mapping[str, Channel] | None = None,
+        hub: Hub | None = None,
+        summaries: HandoffSummaries | None = None,
+    ) -> None:
         self.db = db
+        self.channels: Mapping[str, Channel] = channels or {}
+        self.hub = hub
+        self.summaries = summaries
 
     async def deliver(
         self, out_id: int, conversation_id: int, send: Callable[[], Awaitable[Delivery]]
@@ -31,11 +44,14 @@ class Outbox:
         except Exception as e:
             log.exception("delivery_failed", message_id=out_id)
             delivery = Delivery(ok=False, detail=repr(e))
+        status = delivery_status(delivery)
+        if not delivery.ok and not may_send():
+            status = MessageStatus.ABANDONED.value  # a person took over while it waited
         await self.db.write(
             partial(
                 answers.record_delivery,
                 message_id=out_id,
-                status=delivery_status(delivery),
+                status=status,
                 platform_message_ids=delivery.platform_message_ids,
             )
         )
@@ -61,7 +77,26 @@ class Outbox:
         )
         if handed:
             log.info("handoff_requested", conversation_id=conversation_id, reason=reason)
+            metrics.HANDOFFS.labels(reason).inc()
+            if self.hub is not None:
+                self.hub.announce(owner_event(conversation_id, WAITING, "handoff", reason))
+            if self.summaries is not None:
+                self.summaries.request(conversation_id)
+            conv = await self.db.read(
+                partial(reads.get_conversation, conversation_id=conversation_id)
+            )
+            channel = self.channels.get(conv.channel) if conv is not None else None
+            if conv is not None and channel is not None:
+                await handed_off(channel, conv, reason)
         return handed
+
+
+async def handed_off(channel: Channel, conv: ConversationRef, reason: str) -> None:
+    """Tell the channel (a platform with its own reception moves the chat there)."""
+    try:
+        await channel.handed_off(conv, reason)
+    except Exception:
+        log.exception("channel_handoff_failed", conversation_id=conv.id, channel=conv.channel)
 
 
 def delivery_status(delivery: Delivery) -> str:

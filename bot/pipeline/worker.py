@@ -13,14 +13,34 @@ from typing import Any
 import structlog
 
 from bot import metrics
-from bot.pipeline.outbox import handoff_card
+from bot.hub import owner_event
+from bot.pipeline.failed_turn import give_up, turn_retries
+from bot.pipeline.outbox import handed_off, handoff_card
 from bot.pipeline.parts import Parts
-from channels.base import Channel, ConversationEvent, ConversationRef, ReplySink, message_event
+from bot.pipeline.summaries import call_fields
+from channels.base import (
+    Channel,
+    ConversationEvent,
+    ConversationRef,
+    ReplySink,
+    guard_sends,
+    message_event,
+)
 from orchestration.config import ReplySettings
-from orchestration.events import CallRecord, ConversationInfo, Delta, Escalate, Final, Turn
+from orchestration.events import (
+    CallRecord,
+    ConversationInfo,
+    Delta,
+    Escalate,
+    Final,
+    Retract,
+    Turn,
+    Visibility,
+)
 from orchestration.orchestrator import Orchestrator
-from storage import answers
+from storage import answers, inbox
 from storage.answers import Answering, NotAnswering
+from storage.handoff import WAITING
 from storage.models import Direction, MessageStatus, Sender
 from storage.rows import HistoryRow
 
@@ -43,13 +63,62 @@ class TurnWorker:
         self.db, self.hub, self.channels = parts.db, parts.hub, parts.channels
         self.orchestrator = orchestrator
         self.reply_settings = reply
+        self._reserved: dict[int, Answering] = {}  # message id -> its answer, while handled
+
+    async def draft(self, conversation_id: int) -> str | None:
+        """A reply the bot would give now, for a person to edit and send (never sent by the
+        bot, never stored); None when the shopper has not written anything."""
+        found = await self.db.read(
+            partial(
+                inbox.draft_context,
+                conversation_id=conversation_id,
+                limit=self.reply_settings.history_messages,
+            )
+        )
+        if found is None:
+            return None
+        channel, tier, attributes, rows = found
+        asked = [i for i, m in enumerate(rows) if m.direction == Direction.IN.value]
+        if not asked:
+            return None
+        question = rows[asked[-1]]
+        info = ConversationInfo(
+            conversation_id,
+            channel,
+            tier,
+            shop_user_id=verified_shop_user(attributes),
+            drafting=True,
+        )
+        final: Final | None = None
+        history = [_turn(m) for m in rows[: asked[-1]]]
+        async for ev in self.orchestrator.reply(info, history, Turn("user", question.text)):
+            if isinstance(ev, Final):
+                final = ev
+        return final.text if final is not None else None
 
     async def handle(self, conversation_id: int, message_id: int) -> None:
-        """Answer one stored inbound message (called by the work queue, in order)."""
+        """Answer one stored inbound message (called by the work queue, in order). A turn
+        that raises (a database error, an account gone from the config) is tried again
+        with backoff; after the last try the shopper gets the fallback text and a person
+        is asked for (bot/pipeline/failed_turn.py)."""
         structlog.contextvars.bind_contextvars(conversation_id=conversation_id)
         try:
-            await self._handle(conversation_id, message_id)
+            async for attempt in turn_retries():
+                with attempt:
+                    try:
+                        await self._handle(conversation_id, message_id)
+                    except Exception:
+                        self.hub.forget_inflight(conversation_id)  # the next try streams anew
+                        raise
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("turn_failed", message_id=message_id)
+            await give_up(
+                self.parts, self.reply_settings, conversation_id, self._reserved.get(message_id)
+            )
         finally:
+            self._reserved.pop(message_id, None)
             structlog.contextvars.unbind_contextvars("conversation_id")
 
     async def _handle(self, conversation_id: int, message_id: int) -> None:
@@ -62,7 +131,6 @@ class TurnWorker:
                     conversation_id=conversation_id,
                     message_id=message_id,
                     history_limit=self.reply_settings.history_messages,
-                    trusted_channels=self.parts.trusted_channels,
                     with_inbound=view is None,
                 ),
                 urgent=True,
@@ -71,6 +139,7 @@ class TurnWorker:
             if begun.human_channel is not None:
                 metrics.REPLIES.labels(begun.human_channel, "human").inc()
             return
+        self._reserved[message_id] = begun  # what give_up needs if the turn fails
         if view is None:
             view = begun.inbound
         assert view is not None
@@ -80,8 +149,7 @@ class TurnWorker:
             conv.channel,
             begun.tier,
             spent=begun.cost_total,
-            verified=conv.channel in self.parts.trusted_channels
-            or bool((begun.contact_attributes or {}).get("verified")),
+            shop_user_id=verified_shop_user(begun.contact_attributes),
             degraded_answers=sum(
                 1 for m in begun.history if m.sender == Sender.BOT.value and m.degraded
             ),
@@ -90,6 +158,9 @@ class TurnWorker:
         question = Turn("user", begun.question.text)
 
         channel = self.channels[conv.channel]
+        taken = self.parts.taken
+        # From here on every send of this answer first asks whether a person took over.
+        guard_sends(lambda: conv.id not in taken)
         sink = channel.open_reply(conv, view)
         started = time.monotonic()
         metrics.IN_FLIGHT.inc()
@@ -117,10 +188,27 @@ class TurnWorker:
         # (A channel whose clients read the event bus needs no deltas pushed to its sink.)
         push = None if channel.capabilities.event_bus_delivery else sink.push
         self.hub.publish(ConversationEvent(conv.id, "typing", seq))
+        taken = self.parts.taken
+        # What the shopper may have seen: orchestration restarts a failed answer cleanly
+        # only while nothing was (a delta on the hub reaches its readers at once; a sink
+        # says whether it showed anything, e.g. WeChat buffers until a piece goes out).
+        vis = Visibility()
         try:
             await sink.typing()
-            async for ev in self.orchestrator.reply(info, turns, question):
-                if isinstance(ev, Delta):
+            async for ev in self.orchestrator.reply(info, turns, question, vis):
+                if conv.id in taken:
+                    # A person took over: stop writing now; the answer is stored abandoned.
+                    inflight = self.hub.inflight(conv.id)
+                    reply.final = Final(text="".join(inflight[1]) if inflight else "")
+                    break
+                if isinstance(ev, Retract):
+                    vis.withdrawing = False
+                    sink.retract()
+                    # (a typing event starts the answer's in-flight text afresh)
+                    self.hub.publish(ConversationEvent(conv.id, "typing", seq))
+                elif isinstance(ev, Delta):
+                    if vis.withdrawing:
+                        continue  # the rest of an attempt being withdrawn
                     if reply.first_delta_s is None:
                         reply.first_delta_s = time.monotonic() - started
                         metrics.FIRST_DELTA.labels(conv.channel).observe(reply.first_delta_s)
@@ -128,8 +216,15 @@ class TurnWorker:
                         ConversationEvent(conv.id, "delta", seq, reply.deltas, {"text": ev.text})
                     )
                     reply.deltas += 1
-                    if push is not None:
-                        await push(ev.text)
+                    if push is None:
+                        vis.seen = True
+                    else:
+                        vis.sending = True
+                        try:
+                            await push(ev.text)
+                        finally:
+                            vis.sending = False
+                        vis.seen = vis.seen or sink.shown()
                 elif isinstance(ev, CallRecord):
                     calls.append(ev)
                 elif isinstance(ev, Final):
@@ -174,7 +269,7 @@ class TurnWorker:
                     out_seq=begun.seq,
                     out_created_at=begun.out_created_at,
                     text=final.text,
-                    calls=[_call_fields(c) for c in calls],
+                    calls=[call_fields(c) for c in calls],
                     model=f"{final.provider}/{final.model}" if final.model else None,
                     tier=final.tier,
                     first_delta_ms=(
@@ -200,32 +295,39 @@ class TurnWorker:
             return
         if handoff is not None:
             log.info("handoff_requested", conversation_id=conv.id, reason=handoff[0])
+            metrics.HANDOFFS.labels(handoff[0]).inc()
+            self.hub.announce(owner_event(conv.id, WAITING, "handoff", handoff[0]))
+            self.parts.summaries.request(conv.id)
         self.hub.publish(message_event(row))
         metrics.REPLY_TIME.labels(conv.channel).observe(time.monotonic() - started)
         metrics.REPLIES.labels(conv.channel, "degraded" if final.degraded else "model").inc()
-        if not delivered:
-            await self.parts.outbox.deliver(out_id, conv.id, lambda: sink.finish(final.text))
+        if delivered:
+            return
+        if conv.id in self.parts.taken:
+            # Taken over between storing the answer and sending it: it never goes out.
+            await self.db.write(
+                partial(
+                    answers.record_delivery,
+                    message_id=out_id,
+                    status=MessageStatus.ABANDONED.value,
+                    platform_message_ids=[],
+                )
+            )
+            await sink.fail("human took over")
+            return
+        await self.parts.outbox.deliver(out_id, conv.id, lambda: sink.finish(final.text))
+        if handoff is not None:
+            await handed_off(channel, conv, handoff[0])  # after the answer that says so
+
+
+def verified_shop_user(attributes: dict[str, Any] | None) -> str | None:
+    """The shop user id the channel verified for this contact (widget HMAC, an API caller
+    that named it); arriving on a channel vouches for no one."""
+    attrs = attributes or {}
+    user = attrs.get("shop_user_id")
+    return user if attrs.get("verified") is True and isinstance(user, str) and user else None
 
 
 def _turn(m: HistoryRow) -> Turn:
     role = "user" if m.direction == Direction.IN.value else "assistant"
     return Turn(role, m.text, m.sender)
-
-
-def _call_fields(c: CallRecord) -> dict[str, Any]:
-    return {
-        "provider": c.provider,
-        "model": c.model,
-        "tier": c.tier,
-        "specialist": c.specialist,
-        "purpose": c.purpose,
-        "intent": c.intent,
-        "first_token_ms": c.first_token_ms,
-        "latency_ms": c.latency_ms,
-        "input_tokens": c.input_tokens,
-        "output_tokens": c.output_tokens,
-        "usage_estimated": c.usage_estimated,
-        "cost": c.cost,
-        "outcome": c.outcome,
-        "error": c.error,
-    }

@@ -26,7 +26,8 @@ from channels.base import (
     StoredMessage,
     UnknownConversation,
 )
-from channels.http import ApiError, read_json
+from channels.http import ApiError, parse_id, read_json
+from channels.peers import direct_local_caller
 
 CHANNEL = "api"
 MAX_TEXT_CHARS = 8000
@@ -35,13 +36,14 @@ MAX_ID_CHARS = 255
 
 class ApiChannel(Channel):
     name = CHANNEL
-    capabilities = Capabilities(
-        max_length=MAX_TEXT_CHARS, event_bus_delivery=True, verified_callers=True
-    )
+    # Arriving here vouches for no one: the caller names the verified shop user per message.
+    capabilities = Capabilities(max_length=MAX_TEXT_CHARS, event_bus_delivery=True)
 
-    def __init__(self, account: str, api_keys: list[str]) -> None:
+    def __init__(self, account: str, api_keys: list[str], dev_key: str | None = None) -> None:
+        """`dev_key`: the development key, accepted only from a direct loopback caller."""
         self.account = account
         self._keys = [k.encode() for k in api_keys if k]
+        self._dev_key = dev_key.encode() if dev_key else None
         self._host: ChannelHost | None = None
 
     def register(self, app: web.Application, host: ChannelHost) -> None:
@@ -71,15 +73,24 @@ class ApiChannel(Channel):
             given = auth[7:].strip()
         if not given:
             raise ApiError(401, "unauthorized", "send the API key in the X-Api-Key header")
-        if not any(hmac.compare_digest(given.encode(), k) for k in self._keys):
+        key = given.encode("utf-8", "replace")
+        if self._dev_key is not None and hmac.compare_digest(key, self._dev_key):
+            if not direct_local_caller(request):
+                raise ApiError(
+                    403,
+                    "dev_key_not_allowed",
+                    "the development key works only from this machine without a proxy; "
+                    "set a real API key (channels.api.api_key_env)",
+                )
+            return
+        if not any(hmac.compare_digest(key, k) for k in self._keys):
             raise ApiError(401, "unauthorized", "the API key is not valid")
 
     async def _conversation(self, request: web.Request) -> ConversationRef:
         self._authorize(request)
-        try:
-            cid = int(request.match_info["id"])
-        except ValueError as e:
-            raise ApiError(404, "not_found", "conversation ids are integers") from e
+        cid = parse_id(request.match_info["id"])
+        if cid is None:
+            raise ApiError(404, "not_found", "conversation ids are 64-bit integers")
         conv = await self.host.get_conversation(cid)
         if conv is None or conv.channel != CHANNEL or conv.account != self.account:
             raise ApiError(404, "not_found", f"no conversation {cid}")
@@ -92,6 +103,7 @@ class ApiChannel(Channel):
         text = _string(body, "text", required=True, limit=MAX_TEXT_CHARS)
         client_id = _string(body, "client_message_id")
         name = _string(body, "contact_name")
+        shop_user = _string(body, "shop_user_id")
         conv_id = body.get("conversation_id")
         if conv_id is not None and (not isinstance(conv_id, int) or isinstance(conv_id, bool)):
             raise ApiError(422, "invalid_field", "conversation_id must be an integer")
@@ -101,6 +113,7 @@ class ApiChannel(Channel):
             "client_message_id",
             "contact_name",
             "conversation_id",
+            "shop_user_id",
         }
         if unknown:
             raise ApiError(422, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -117,6 +130,7 @@ class ApiChannel(Channel):
             user_name=name,
             conversation_id=conv_id,
             raw=body,
+            contact_attributes=_identity(shop_user),
         )
         try:
             result = await self.host.ingest(msg)
@@ -142,7 +156,8 @@ class ApiChannel(Channel):
         conv = await self._conversation(request)
         after = _int_param(request, "after")
         before = _int_param(request, "before")
-        limit = _int_param(request, "limit") or 50
+        limit = _int_param(request, "limit")
+        limit = 50 if limit is None else limit
         if not 1 <= limit <= 200:
             raise ApiError(400, "invalid_parameter", "limit must be between 1 and 200")
         rows = await self.host.list_messages(
@@ -163,6 +178,17 @@ class ApiChannel(Channel):
     async def stream(self, request: web.Request) -> web.StreamResponse:
         conv = await self._conversation(request)
         return await stream_conversation(request, self.host, conv.id)
+
+
+def _identity(shop_user: str | None) -> dict[str, Any]:
+    """The contact's identity as of this message: the caller (holding the API key) vouches
+    for the shop user it names; a message without one is from an anonymous shopper."""
+    verified = bool(shop_user and shop_user.strip())
+    return {
+        "verified": verified,
+        "shop_user_id": shop_user if verified else None,
+        "identity": "verified" if verified else "anonymous",
+    }
 
 
 def _dumps(obj: Any) -> str:
@@ -190,7 +216,7 @@ def _int_param(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
-    try:
-        return int(raw)
-    except ValueError as e:
-        raise ApiError(400, "invalid_parameter", f"'{name}' must be an integer") from e
+    value = parse_id(raw)
+    if value is None:
+        raise ApiError(400, "invalid_parameter", f"'{name}' must be an integer from 0 to 2^63-1")
+    return value

@@ -10,12 +10,14 @@ their configured reactions. Answers and agent messages go out through `TelegramS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
 import structlog
 from aiogram import Dispatcher, F
 from aiogram.exceptions import TelegramAPIError
+from aiogram.methods import SendChatAction
 from aiogram.types import Message
 from aiohttp import web
 
@@ -88,8 +90,13 @@ class TelegramChannel(Channel):
 
     def register(self, app: web.Application, host: ChannelHost) -> None:
         self._host = host
+        if self.settings.mode == "polling":
+            return  # updates come from getUpdates: a webhook route would only invite forgeries
         for b in self.settings.bots:
-            handler = WebhookHandler(self.feeds[b.account], b.secret_token())
+            secret = b.secret_token()
+            if not secret:  # checked when the channel was built; the env may have changed
+                raise TelegramConfigError(f"{b.secret_token_env} is unset: no webhook without it")
+            handler = WebhookHandler(self.feeds[b.account], secret)
             handler.mount(app, b.path)
 
     async def start(self) -> None:
@@ -144,6 +151,14 @@ class TelegramChannel(Channel):
             log.warning("telegram_send_failed", conversation_id=conversation.id, detail=str(e))
             return failed(e, sent)
         return Delivery([str(i) for i in sent])
+
+    async def agent_typing(self, conversation: ConversationRef) -> None:
+        client = self.clients.get(conversation.account)
+        if client is None:
+            return
+        chat = int(conversation.chat_id)
+        with contextlib.suppress(TelegramAPIError):  # only a hint: never worth an error
+            await client.call(SendChatAction(chat_id=chat, action="typing"), chat, retries=0)
 
     # -- updates -------------------------------------------------------------------------
 

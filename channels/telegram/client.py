@@ -24,6 +24,7 @@ from aiogram.exceptions import (
 )
 from aiogram.methods import GetMe, TelegramMethod
 
+from channels.base import TakenOver, may_send
 from channels.telegram import metrics
 from channels.telegram.config import TelegramBotSettings
 
@@ -130,6 +131,8 @@ class BotClient:
         while True:
             if gate is not None:
                 await gate.wait_open()
+            if not may_send():
+                raise TakenOver(name)  # a person took over while this waited
             try:
                 result = await self.bot(method, request_timeout=int(timeout) if timeout else None)
             except TelegramRetryAfter as e:

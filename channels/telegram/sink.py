@@ -25,7 +25,7 @@ from aiogram.exceptions import (
 )
 from aiogram.methods import SendChatAction, SendMessageDraft
 
-from channels.base import Delivery, ReplySink
+from channels.base import Delivery, ReplySink, may_send
 from channels.telegram.client import BotClient
 from channels.telegram.outbound import delete_message, edit_piece, failed, send_piece, send_text
 from channels.telegram.text import Rendered, plain, render, split_text
@@ -128,7 +128,7 @@ class TelegramSink(ReplySink):
     # -- typing --------------------------------------------------------------------------
 
     async def _keep_typing(self) -> None:
-        while True:
+        while may_send():
             try:
                 await self._client.call(
                     SendChatAction(chat_id=self._chat, action="typing"),
@@ -163,6 +163,8 @@ class TelegramSink(ReplySink):
                 self._gate.release_stream_slot(at, interval)  # the final may use it
                 return  # the final message is on its way: no more previews
             self._wake.clear()
+            if not may_send():
+                return  # a person took over: no more previews of the bot's answer
             self._gate.stream_update_leaves(interval)
             try:
                 await self._show(plain(self._text))

@@ -99,7 +99,7 @@ class WebhookHandler(SimpleRequestHandler):
     (401), body bounded (413) and parsed (400) before anything is stored, and the update
     handled inside the request so it is stored before Telegram gets its 200."""
 
-    def __init__(self, feed: UpdateFeed, secret_token: str | None) -> None:
+    def __init__(self, feed: UpdateFeed, secret_token: str) -> None:
         super().__init__(
             feed.dispatcher, feed.client.bot, handle_in_background=False, secret_token=secret_token
         )
@@ -107,7 +107,7 @@ class WebhookHandler(SimpleRequestHandler):
 
     def verify_secret(self, telegram_secret_token: str, bot: Any) -> bool:
         if not self.secret_token:
-            return True
+            return False  # never open: a webhook is mounted only with a secret
         return secrets.compare_digest(telegram_secret_token.encode(), self.secret_token.encode())
 
     def mount(self, app: web.Application, path: str) -> None:

@@ -1,4 +1,5 @@
-"""The WeChat family of channels: Official Accounts (`wechat`) and WeCom (`wecom`).
+"""The WeChat family of channels: Official Accounts (`wechat`), WeCom (`wecom`) and WeChat
+Customer Service (`wecom_kf`).
 
 One channel object per platform kind serves all its configured accounts, each at its own
 callback path.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from channels.base import Channel
 from channels.wechat.config import WechatSettings
+from channels.wechat.kf_config import WecomKfSettings
 from channels.wechat.tokens import InProcessTokenStore
 
 
@@ -27,3 +29,14 @@ def build(settings: WechatSettings) -> list[Channel]:
     if settings.wecom_apps or settings.wecom_bots:
         channels.append(WecomChannel(settings, store))
     return channels
+
+
+def build_kf(settings: WecomKfSettings) -> list[Channel]:
+    """The WeChat Customer Service channel (`channels.wecom_kf`), if enabled.
+
+    Raises RuntimeError naming the environment variable to set when a secret is missing."""
+    if not settings.enabled:
+        return []
+    from channels.wechat.kf import WecomKfChannel
+
+    return [WecomKfChannel(settings)]

@@ -104,8 +104,9 @@ class OfficialAccountSettings(_Callback):
     secret_env: str = Field(description="environment variable holding the AppSecret")
     encryption: Literal["auto", "plain", "compatible", "safe"] = Field(
         "auto",
-        description="message encryption mode set on the WeChat side; auto: compatible when "
-        "aes_key_env is set, plain otherwise",
+        description="message encryption mode set on the WeChat side (safe recommended: "
+        "plain and compatible bodies are unsigned); auto: safe when aes_key_env is set, "
+        "plain otherwise",
     )
     passive_budget_seconds: float = Field(
         4.0,
@@ -138,7 +139,7 @@ class OfficialAccountSettings(_Callback):
 
     def mode(self) -> Literal["plain", "compatible", "safe"]:
         if self.encryption == "auto":
-            return "compatible" if self.aes_key_env else "plain"
+            return "safe" if self.aes_key_env else "plain"
         return self.encryption
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from channels.base import Delivery
+from channels.base import Delivery, ReplySink, may_send
 from channels.wechat.api import (
     OUT_OF_WINDOW,
     QUOTA,
@@ -24,6 +24,7 @@ from channels.wechat.api import (
     WechatTransportError,
 )
 from channels.wechat.chunks import complete_length, split_text, utf8_len
+from channels.wechat.kf_api import KF_QUOTA, KF_STATE
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +40,10 @@ _UNDELIVERABLE = {
     QUOTA: "WeChat's quota of customer-service messages since the shopper last wrote is "
     "spent (errcode 45047); the rest can be sent once they write again",
     81013: "the recipient is not a member of this WeCom application (errcode 81013)",
+    KF_QUOTA: "WeChat Customer Service allows only a few messages within 48 hours of the "
+    "customer's last message (errcode 95001); the rest can be sent once they write again",
+    KF_STATE: "the customer's WeChat Customer Service session is with a person or ended, so "
+    "the API may not send to it (errcode 95018)",
 }
 
 
@@ -70,6 +75,8 @@ async def send_pieces(
 
 
 async def _send(send_one: SendOne, piece: str, ids: list[str], depth: int) -> None:
+    if not may_send():
+        raise _Refused(Delivery(ok=False, detail="a person took the conversation over"))
     try:
         ids.append(await send_one(piece) or f"piece-{len(ids) + 1}")
         return
@@ -115,6 +122,11 @@ class PieceStream:
         self._unsent_bytes += utf8_len(delta)
         return self._unsent_bytes > MAX_BYTES and self.failure is None
 
+    def clear(self) -> None:
+        """Forget what streamed so far (only while none of it went out)."""
+        self._streamed = self.sent
+        self._unsent_bytes = 0
+
     def full_pieces(self) -> list[str]:
         """The whole pieces of complete sentences ready to go (not the last, still growing)."""
         if not self._streamed.startswith(self.sent):
@@ -143,3 +155,29 @@ class PieceStream:
 
     async def send(self, text: str) -> Delivery:
         return await self._send(text, self.ids)
+
+
+class PieceSink(ReplySink):
+    """The sink of an answer sent through a message API: whole pieces go out as soon as
+    they are complete, the rest when the answer is done."""
+
+    def __init__(self, send: SendText, *, channel: str, account: str) -> None:
+        self._pieces = PieceStream(send, channel=channel, account=account)
+
+    async def push(self, delta: str) -> None:
+        if self._pieces.add(delta):
+            await self._pieces.send_full(self._pieces.full_pieces())
+
+    def shown(self) -> bool:
+        return bool(self._pieces.sent)
+
+    def retract(self) -> None:
+        self._pieces.clear()
+
+    async def finish(self, final_text: str) -> Delivery:
+        if self._pieces.failure is not None:
+            return self._pieces.failure
+        return await self._pieces.send(self._pieces.unsent(final_text))
+
+    async def fail(self, reason: str) -> None:
+        return None

@@ -29,7 +29,6 @@ from wechatpy.crypto import WeChatCrypto
 from wechatpy.exceptions import InvalidAppIdException, InvalidSignatureException
 from wechatpy.parser import parse_message
 from wechatpy.replies import TextReply
-from wechatpy.utils import check_signature
 
 from channels.base import (
     Capabilities,
@@ -47,7 +46,8 @@ from channels.wechat.config import OfficialAccountSettings, WechatSettings
 from channels.wechat.delivery import MAX_BYTES, PieceStream, send_pieces
 from channels.wechat.inbound import normalize
 from channels.wechat.passive import SYSTEM_REPLY, AnswerBoard, SystemReplySlot
-from channels.wechat.runtime import WechatChannelBase, bind, signed_params
+from channels.wechat.replay import ReplayGuard
+from channels.wechat.runtime import WechatChannelBase, bind, require_signature, signed_params
 from channels.wechat.tokens import InProcessTokenStore, TokenStore
 from channels.wechat.xmlsafe import read_limited, safe_xml
 
@@ -104,8 +104,14 @@ class OfficialAccountChannel(WechatChannelBase):
     name = CHANNEL
     capabilities = Capabilities(max_length=MAX_BYTES, length_unit="bytes", typing=True)
 
-    def __init__(self, settings: WechatSettings, store: TokenStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: WechatSettings,
+        store: TokenStore | None = None,
+        replay: ReplayGuard | None = None,
+    ) -> None:
         super().__init__(settings.max_body_bytes)
+        self.replay = replay or ReplayGuard()
         self.accounts = {
             a.name: _Account(a, settings.api_base_url) for a in settings.official_accounts
         }
@@ -123,6 +129,15 @@ class OfficialAccountChannel(WechatChannelBase):
         for acc in self.accounts.values():
             acc.start(self.http, self._store)
         log.info("wechat_accounts", accounts={a.name: a.s.path for a in self.accounts.values()})
+        for acc in self.accounts.values():
+            if acc.mode != "safe":
+                log.warning(
+                    "wechat_not_safe_mode",
+                    account=acc.name,
+                    mode=acc.mode,
+                    detail="callbacks in plain/compatible mode carry unsigned plaintext bodies; "
+                    "switch the account to safe mode (安全模式) and set encryption: safe",
+                )
 
     # -- callbacks ---------------------------------------------------------------------------
 
@@ -143,8 +158,9 @@ class OfficialAccountChannel(WechatChannelBase):
         loop = asyncio.get_running_loop()
         started = loop.time()
         query = request.query
-        _check_signature(acc, query)
+        _, timestamp, nonce = _check_signature(acc, query)
         body = await read_limited(request, self.max_body_bytes)
+        await self.replay.check(acc.name, timestamp, nonce, body)
         encrypted = query.get("encrypt_type", "raw").lower() == "aes"
         if encrypted:
             text, raw = _decrypt(acc, query, body)
@@ -168,7 +184,8 @@ class OfficialAccountChannel(WechatChannelBase):
                 welcome_text=acc.s.welcome_text,
             )
         except Exception as e:  # wechatpy raises KeyError/ValueError on odd messages
-            raise ApiError(400, "invalid_message", f"not a WeChat message: {e!r}") from e
+            # (A fixed text: the exception's words are ours, not the caller's business.)
+            raise ApiError(400, "invalid_message", "not a WeChat message") from e
 
         result = await self.host.ingest(norm.message)
         if result.duplicate:
@@ -262,6 +279,12 @@ class OfficialAccountChannel(WechatChannelBase):
         REPLIES.labels(CHANNEL, _route(delivery, passive=False)).inc()
         return delivery
 
+    async def agent_typing(self, conversation: ConversationRef) -> None:
+        acc = self.accounts.get(conversation.account)
+        if acc is not None and acc.s.typing:
+            with contextlib.suppress(WechatApiError, WechatTransportError):
+                await acc.api.typing(conversation.chat_id, True)  # only a hint
+
     async def send_api(
         self, acc: _Account, openid: str, text: str, ids: list[str] | None = None
     ) -> Delivery:
@@ -349,6 +372,13 @@ class _OaSink(ReplySink):
             self._board.to_api(self._id)
             await self._pieces.send_full(pieces)
 
+    def shown(self) -> bool:
+        # Nothing is seen before the passive reply or the first customer-service piece.
+        return bool(self._pieces.sent)
+
+    def retract(self) -> None:
+        self._pieces.clear()
+
     async def finish(self, final_text: str) -> Delivery:
         await self._stop_typing()
         failure = self._pieces.failure
@@ -391,16 +421,18 @@ class _OaSink(ReplySink):
                 await self._acc.api.typing(self._openid, False)
 
 
-def _check_signature(acc: _Account, query: Mapping[str, str]) -> None:
+def _check_signature(acc: _Account, query: Mapping[str, str]) -> tuple[str, str, str]:
+    """(signature, timestamp, nonce) of a callback whose signature is right; else 403."""
     sig, ts, nonce = signed_params(query, "signature")
     try:
-        check_signature(acc.token, sig, ts, nonce)
+        require_signature(sig, acc.token, ts, nonce)
     except InvalidSignatureException as e:
         raise ApiError(
             403,
             "invalid_signature",
             "the signature does not match: the Token here must equal the one in the WeChat console",
         ) from e
+    return sig, ts, nonce
 
 
 def _decrypt(acc: _Account, query: Mapping[str, str], body: bytes) -> tuple[str, dict[str, Any]]:
@@ -419,6 +451,9 @@ def _decrypt(acc: _Account, query: Mapping[str, str], body: bytes) -> tuple[str,
     if not msg_signature:
         raise ApiError(403, "invalid_signature", "msg_signature is required with encrypt_type=aes")
     try:
+        require_signature(
+            msg_signature, acc.token, query["timestamp"], query["nonce"], envelope["Encrypt"]
+        )
         inner = acc.crypto.decrypt_message(
             envelope, msg_signature, query["timestamp"], query["nonce"]
         )

@@ -21,11 +21,11 @@ from channels.base import ConversationRef, Delivery, ReplySink, StoredMessage
 from channels.http import ApiError
 from channels.wechat.api import WecomApi
 from channels.wechat.config import WecomAppSettings
-from channels.wechat.delivery import PieceStream, send_pieces
+from channels.wechat.delivery import PieceSink, send_pieces
 from channels.wechat.inbound import normalize
-from channels.wechat.runtime import signed_params, verify_echo, wecom_decrypt_errors
+from channels.wechat.runtime import open_wecom_callback, verify_echo
 from channels.wechat.tokens import TokenStore
-from channels.wechat.xmlsafe import read_limited, safe_xml
+from channels.wechat.xmlsafe import safe_xml
 
 if TYPE_CHECKING:
     from channels.wechat.runtime import WechatChannelBase
@@ -72,17 +72,8 @@ class WecomApp:
         return verify_echo(self.crypto, request.query)
 
     async def receive(self, ch: WechatChannelBase, request: web.Request) -> web.Response:
-        sig, ts, nonce = signed_params(request.query)
-        body = await read_limited(request, ch.max_body_bytes)
-        _, envelope = safe_xml(body)
-        if not isinstance(envelope.get("Encrypt"), str):
-            raise ApiError(400, "invalid_message", "a WeCom callback needs an <Encrypt> element")
-        with wecom_decrypt_errors(
-            other_corp="the message is for another corp id",
-            unreadable="cannot decrypt; check the key",
-        ):
-            inner = self.crypto.decrypt_message(envelope, sig, ts, nonce)
-        text, raw = safe_xml(str(inner).encode("utf-8"))
+        inner = await open_wecom_callback(request, self.crypto, ch.max_body_bytes)
+        text, raw = safe_xml(inner.encode("utf-8"))
         try:
             msg = parse_message(text)
             norm = normalize(
@@ -94,7 +85,7 @@ class WecomApp:
                 welcome_text=self.s.welcome_text,
             )
         except Exception as e:
-            raise ApiError(400, "invalid_message", f"not a WeCom message: {e!r}") from e
+            raise ApiError(400, "invalid_message", "not a WeCom message") from e
         result = await ch.host.ingest(norm.message)
         if norm.action in ("welcome", "media") and not result.duplicate:
             said = self.s.welcome_text if norm.action == "welcome" else self.s.media_text
@@ -125,25 +116,7 @@ class WecomApp:
         return await self.send_text(conversation.chat_id, text)
 
     def open_reply(self, conversation: ConversationRef, inbound: StoredMessage) -> ReplySink:
-        return _AppSink(self, conversation.chat_id)
-
-
-class _AppSink(ReplySink):
-    """Sends whole pieces as soon as they are complete, the rest when the answer is done."""
-
-    def __init__(self, app: WecomApp, user: str) -> None:
-        self._pieces = PieceStream(
-            lambda text, ids: app.send_text(user, text, ids), channel="wecom", account=app.name
+        user = conversation.chat_id
+        return PieceSink(
+            lambda text, ids: self.send_text(user, text, ids), channel="wecom", account=self.name
         )
-
-    async def push(self, delta: str) -> None:
-        if self._pieces.add(delta):
-            await self._pieces.send_full(self._pieces.full_pieces())
-
-    async def finish(self, final_text: str) -> Delivery:
-        if self._pieces.failure is not None:
-            return self._pieces.failure
-        return await self._pieces.send(self._pieces.unsent(final_text))
-
-    async def fail(self, reason: str) -> None:
-        return None

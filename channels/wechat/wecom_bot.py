@@ -27,12 +27,12 @@ from wechatpy.exceptions import InvalidSignatureException
 from wechatpy.utils import WeChatSigner, to_text
 
 from channels.base import ConversationRef, Delivery, InboundMessage, ReplySink, StoredMessage
-from channels.http import ApiError, parse_json_object
+from channels.http import ID_LIMIT, ApiError, parse_json_object
 from channels.wechat.api import WechatApiError, WechatTransportError, post_response_url
 from channels.wechat.chunks import split_text
 from channels.wechat.config import WecomBotSettings
 from channels.wechat.passive import SYSTEM_REPLY, SystemReplySlot
-from channels.wechat.runtime import signed_params, verify_echo
+from channels.wechat.runtime import require_signature, signed_params, verify_echo
 from channels.wechat.xmlsafe import read_limited
 
 if TYPE_CHECKING:
@@ -111,6 +111,7 @@ class WecomBot:
         if not isinstance(encrypt, str) or not encrypt:
             raise ApiError(400, "invalid_message", 'a WeCom bot callback is {"encrypt": ...}')
         try:
+            require_signature(sig, self.token, ts, nonce, encrypt)
             inner = self.crypto.decrypt_message({"Encrypt": encrypt}, sig, ts, nonce)
         except InvalidSignatureException as e:
             raise ApiError(403, "invalid_signature", "msg_signature does not match") from e
@@ -122,8 +123,8 @@ class WecomBot:
             return self._encrypted(await self._poll(ch, msg), reply_nonce)
         try:
             inbound, action = self._normalize(ch.name, msg)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ApiError(400, "invalid_message", f"not a WeCom bot message: {e!r}") from e
+        except (AttributeError, KeyError, TypeError, ValueError) as e:  # (odd shapes of fields)
+            raise ApiError(400, "invalid_message", "not a WeCom bot message") from e
         result = await ch.host.ingest(inbound)
         url = msg.get("response_url")
         if isinstance(url, str) and url and not result.duplicate:
@@ -238,7 +239,8 @@ class WecomBot:
             self._used_urls.clear()
 
     async def _poll(self, ch: WechatChannelBase, msg: dict[str, Any]) -> dict[str, Any]:
-        sid = str((msg.get("stream") or {}).get("id") or "")
+        polled = msg.get("stream")
+        sid = str(polled.get("id") or "") if isinstance(polled, dict) else ""
         stream = self.streams.get(sid) or await self._recover(ch, sid)
         if stream is None:
             return _stream_payload(sid, True, "")  # unknown stream: stop polling
@@ -251,6 +253,8 @@ class WecomBot:
         if m is None:
             return None
         inbound_id, conversation_id, seq = (int(g) for g in m.groups())
+        if max(inbound_id, conversation_id, seq) >= ID_LIMIT:
+            return None  # not an id we made: the database would refuse it
         conv = await ch.host.get_conversation(conversation_id)
         if conv is None or conv.channel != ch.name or conv.account != self.name:
             return None

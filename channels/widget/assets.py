@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import html
 from dataclasses import dataclass
 from importlib import resources
 
@@ -42,8 +43,9 @@ def make_asset(name: str, body: bytes) -> Asset:
 
 
 class Assets:
-    def __init__(self, demo_site: str | None) -> None:
+    def __init__(self, demo_site: str | None, demo_visitor: tuple[str, str] | None) -> None:
         self.demo_site = demo_site
+        self.demo_visitor = demo_visitor  # (shop user id, its HMAC): the demo page signs in
         self._assets: dict[str, Asset] = {}
 
     async def load(self) -> None:
@@ -51,6 +53,9 @@ class Assets:
             body = await asyncio.to_thread(_read, name)
             if name == "demo.html" and self.demo_site is not None:
                 body = body.replace(b"__SITE_KEY__", self.demo_site.encode())
+                user, user_hash = self.demo_visitor or ("", "")
+                body = body.replace(b"__USER_ID__", html.escape(user).encode())
+                body = body.replace(b"__USER_HASH__", user_hash.encode())
             self._assets[name] = make_asset(name, body)
 
     def sizes(self) -> dict[str, tuple[int, int]]:
@@ -62,19 +67,26 @@ class Assets:
             asset = self._assets.get(name)
             if asset is None:
                 raise ApiError(503, "starting", "the service is starting")
-            headers = {
-                "ETag": asset.etag,
-                "Cache-Control": cache,
-                "Vary": "Accept-Encoding",
-                "Access-Control-Allow-Origin": "*",
-                "X-Content-Type-Options": "nosniff",
-            }
-            if request.headers.get("If-None-Match") == asset.etag:
-                return web.Response(status=304, headers=headers)
-            headers["Content-Type"] = asset.content_type
-            if "gzip" in request.headers.get("Accept-Encoding", ""):
-                headers["Content-Encoding"] = "gzip"
-                return web.Response(body=asset.gzipped, headers=headers)
-            return web.Response(body=asset.body, headers=headers)
+            return respond(request, asset, cache, {"Access-Control-Allow-Origin": "*"})
 
         return serve
+
+
+def respond(
+    request: web.Request, asset: Asset, cache: str, headers: dict[str, str]
+) -> web.Response:
+    """`asset` with `headers`: 304 if the browser has it, gzipped if it takes gzip."""
+    headers = {
+        **headers,
+        "ETag": asset.etag,
+        "Cache-Control": cache,
+        "Vary": "Accept-Encoding",
+        "X-Content-Type-Options": "nosniff",
+    }
+    if request.headers.get("If-None-Match") == asset.etag:
+        return web.Response(status=304, headers=headers)
+    headers["Content-Type"] = asset.content_type
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        headers["Content-Encoding"] = "gzip"
+        return web.Response(body=asset.gzipped, headers=headers)
+    return web.Response(body=asset.body, headers=headers)

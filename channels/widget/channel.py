@@ -36,13 +36,13 @@ from channels.base import (
     ReplySink,
     StoredMessage,
 )
-from channels.http import ApiError, error_response, read_json
+from channels.http import ApiError, error_response, parse_id, read_json
 from channels.sse import resume_token, stream_events
 from channels.stream_cursor import StreamCursor
 from channels.widget import metrics
 from channels.widget.assets import Assets
 from channels.widget.config import WidgetSettings
-from channels.widget.identity import Visitor, resolve_identity, valid_token, visitor_id
+from channels.widget.identity import Visitor, resolve_identity, sign, valid_token, visitor_id
 from channels.widget.limits import ConnectionCounter, KeyedBuckets, client_ip
 from channels.widget.protocol import ProtocolError, Send, dumps, parse_send
 from channels.widget.sites import Site, Sites, cors_headers
@@ -64,14 +64,19 @@ class WidgetChannel(Channel):
 
     def __init__(self, settings: WidgetSettings) -> None:
         self.settings = settings
-        self.sites = Sites(settings.sites)
+        demo_signs_in = settings.demo_site if settings.demo_shopper else None
+        self.sites = Sites(settings.sites, ephemeral_secret_for=demo_signs_in)
         att = settings.attachments
         self.uploads = Uploads(att.dir, att.max_bytes, list(att.types))
-        self.assets = Assets(self._demo_site())
+        self.assets = Assets(self._demo_site(), self._demo_visitor())
         rl = settings.rate_limits
         self.visitor_limits = KeyedBuckets(rl.visitor_messages_per_minute)
         self.ip_limits = KeyedBuckets(rl.ip_messages_per_minute)
         self.connections = ConnectionCounter(rl.ip_connections)
+        day = 24 * 3600.0
+        self.visitor_bytes = KeyedBuckets(att.visitor_bytes_per_day, period_s=day)
+        self.site_bytes = KeyedBuckets(att.site_bytes_per_day, period_s=day)
+        self._sweeper: asyncio.Task[None] | None = None
         self.sessions: set[SocketSession] = set()
         self.closing = False
         self._host: ChannelHost | None = None
@@ -79,6 +84,14 @@ class WidgetChannel(Channel):
     def _demo_site(self) -> str | None:
         key = self.settings.demo_site
         return key if key is not None and self.sites.get(key) is not None else None
+
+    def _demo_visitor(self) -> tuple[str, str] | None:
+        """(shop user id, its hash) the demo page signs its visitors in with."""
+        key, user = self._demo_site(), self.settings.demo_shopper
+        site = self.sites.get(key) if key is not None else None
+        if site is None or user is None or site.secret is None:
+            return None
+        return user, sign(site.secret, user)
 
     # -- Channel ----------------------------------------------------------------------------
 
@@ -108,6 +121,8 @@ class WidgetChannel(Channel):
 
     async def start(self) -> None:
         await self.assets.load()
+        if self.settings.attachments.enabled:
+            self._sweeper = asyncio.create_task(self._sweep_orphans(), name="widget-orphans")
         js, css = self.assets.sizes()["widget.js"], self.assets.sizes()["widget.css"]
         log.info(
             "widget_ready",
@@ -119,8 +134,26 @@ class WidgetChannel(Channel):
     async def close(self) -> None:
         await self._on_shutdown(None)
 
+    async def _sweep_orphans(self) -> None:
+        """Delete uploads no message attached within `orphan_seconds`, every so often."""
+        age = self.settings.attachments.orphan_seconds
+        while True:
+            await asyncio.sleep(min(age / 2, 600))
+            try:
+                removed = await self.uploads.sweep(age)
+            except OSError as e:
+                log.warning("widget_orphan_sweep_failed", error=str(e))
+                continue
+            if removed:
+                log.info("widget_orphans_deleted", files=removed)
+
     async def _on_shutdown(self, app: web.Application | None) -> None:
         self.closing = True
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
         sessions = list(self.sessions)
         await asyncio.gather(
             *(
@@ -198,6 +231,8 @@ class WidgetChannel(Channel):
                     status=422,
                 )
             attachments.append(found)
+        for found in attachments:
+            await self.uploads.attach(found["id"])
         self.visitor_limits.take(visitor.id)
         self.ip_limits.take(visitor.ip)
         ident = visitor.identity
@@ -276,7 +311,8 @@ class WidgetChannel(Channel):
         )
 
     def _ip(self, request: web.Request) -> str:
-        return client_ip(request, self.settings.rate_limits.trust_forwarded_for)
+        rl = self.settings.rate_limits
+        return client_ip(request, rl.trust_forwarded_for, rl.proxy_hops)
 
     def _too_many_connections(self) -> ApiError:
         return ApiError(
@@ -321,9 +357,7 @@ class WidgetChannel(Channel):
         site = self.sites.resolve(request)
         visitor = self.visitor(site, request.query.get("token"), None, self._ip(request))
         raw_conv = request.query.get("conversation_id", "")
-        conv_id = await self.visitor_conversation(
-            visitor, int(raw_conv) if raw_conv.isdigit() else None
-        )
+        conv_id = await self.visitor_conversation(visitor, parse_id(raw_conv))
         headers = cors_headers(request)
         if conv_id is None:
             # Nothing to follow until the visitor's first message opens a conversation.
@@ -383,8 +417,13 @@ class WidgetChannel(Channel):
                 status=429,
                 retry_after=wait,
             )
+        # What the visitor's and the site's daily upload quotas have left.
+        keys = ((self.visitor_bytes, visitor.id), (self.site_bytes, site.key))
+        room = min(b.available(k) for b, k in keys)
         self.ip_limits.take(visitor.ip)
-        stored = await self.uploads.receive(request)
+        stored = await self.uploads.receive(request, max_bytes=max(room, 0))
+        for bucket, key in keys:
+            bucket.take(key, amount=stored["size"])
         log.info("widget_upload", site=site.key, id=stored["id"], size=stored["size"])
         return web.json_response(stored, status=201, dumps=dumps)
 

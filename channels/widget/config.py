@@ -100,6 +100,13 @@ class RateLimitSettings(ConfigSection):
     trust_forwarded_for: bool = Field(
         False, description="take the client IP from X-Forwarded-For (behind your own proxy only)"
     )
+    proxy_hops: int = Field(
+        1,
+        ge=1,
+        le=10,
+        description="with trust_forwarded_for: how many of your proxies add to X-Forwarded-For; "
+        "the client is that many entries from the right (what is left of it, the client wrote)",
+    )
 
 
 class AttachmentSettings(ConfigSection):
@@ -107,6 +114,27 @@ class AttachmentSettings(ConfigSection):
     max_bytes: int = Field(5 * 1024 * 1024, gt=0, le=50 * 1024 * 1024)
     types: list[ImageKind] = Field(default_factory=lambda: list(IMAGE_KINDS))
     dir: str = Field("./swarmdesk-uploads/widget", description="where images are stored")
+    visitor_bytes_per_day: int = Field(
+        50 * 1024 * 1024, gt=0, description="upload quota of one visitor (refills over the day)"
+    )
+    site_bytes_per_day: int = Field(
+        2 * 1024 * 1024 * 1024, gt=0, description="upload quota of one site, all its visitors"
+    )
+    orphan_seconds: int = Field(
+        24 * 3600,
+        ge=1,
+        description="an upload no message attached by then is deleted (checked periodically)",
+    )
+
+    @model_validator(mode="after")
+    def _quotas_fit_one_image(self) -> AttachmentSettings:
+        for name in ("visitor_bytes_per_day", "site_bytes_per_day"):
+            if getattr(self, name) < self.max_bytes:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) is below max_bytes ({self.max_bytes}): "
+                    "an image of the largest allowed size could never be uploaded"
+                )
+        return self
 
 
 class WidgetSettings(ConfigSection):
@@ -114,6 +142,12 @@ class WidgetSettings(ConfigSection):
     sites: list[SiteSettings] = Field(default_factory=lambda: [_demo_site()])
     demo_site: str | None = Field(
         "demo", description="site key of the demo shop page served at /; null: no demo page"
+    )
+    demo_shopper: str | None = Field(
+        "demo-shopper",
+        max_length=128,
+        description="shop user id the demo page signs its visitors in as (it owns the demo "
+        "shop's orders ORD-1001...ORD-1008); null: demo visitors stay anonymous",
     )
     max_text_chars: int = Field(4000, ge=1, le=32000)
     max_frame_bytes: int = Field(

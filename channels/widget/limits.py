@@ -4,6 +4,7 @@ them here.)"""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import Counter
 
@@ -11,11 +12,12 @@ from aiohttp import web
 
 
 class KeyedBuckets:
-    """A token bucket per key: `per_minute` tokens, refilled continuously, burst = per_minute."""
+    """A token bucket per key: `per_period` tokens (messages, or bytes of uploads) per
+    `period_s`, refilled continuously, burst = per_period."""
 
-    def __init__(self, per_minute: int, max_keys: int = 100_000) -> None:
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
+    def __init__(self, per_period: int, max_keys: int = 100_000, period_s: float = 60.0) -> None:
+        self.capacity = float(per_period)
+        self.rate = per_period / period_s
         self.max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
@@ -23,17 +25,21 @@ class KeyedBuckets:
         tokens, at = self._buckets.get(key, (self.capacity, now))
         return min(self.capacity, tokens + (now - at) * self.rate)
 
-    def retry_after(self, key: str, now: float | None = None) -> float:
-        """0 if a token is there, else the seconds until one is."""
+    def available(self, key: str, now: float | None = None) -> int:
+        """Whole tokens there now."""
+        return max(0, int(self._level(key, time.monotonic() if now is None else now)))
+
+    def retry_after(self, key: str, now: float | None = None, amount: float = 1) -> float:
+        """0 if `amount` tokens are there, else the seconds until they are."""
         now = time.monotonic() if now is None else now
         level = self._level(key, now)
-        return 0.0 if level >= 1 else (1 - level) / self.rate
+        return 0.0 if level >= amount else (amount - level) / self.rate
 
-    def take(self, key: str, now: float | None = None) -> None:
+    def take(self, key: str, now: float | None = None, amount: float = 1) -> None:
         now = time.monotonic() if now is None else now
         if len(self._buckets) >= self.max_keys:
             self._prune(now)
-        self._buckets[key] = (self._level(key, now) - 1, now)
+        self._buckets[key] = (self._level(key, now) - amount, now)
 
     def _prune(self, now: float) -> None:
         """Forget full buckets: a key nobody used for a while is as good as new."""
@@ -67,10 +73,21 @@ class ConnectionCounter:
         return sum(self._open.values())
 
 
-def client_ip(request: web.Request, trust_forwarded_for: bool) -> str:
-    if trust_forwarded_for:
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        first = forwarded.split(",")[0].strip()
-        if first:
-            return first
-    return request.remote or "unknown"
+def client_ip(request: web.Request, trust_forwarded_for: bool, proxy_hops: int = 1) -> str:
+    """The address limits count against. Behind `proxy_hops` proxies of ours, each appends
+    the address it saw to X-Forwarded-For, so the client is `proxy_hops` entries from the
+    right; anything left of that the client wrote itself and could vary at will."""
+    peer = request.remote or "unknown"
+    if not trust_forwarded_for:
+        return peer
+    hops = [
+        h.strip() for line in request.headers.getall("X-Forwarded-For", []) for h in line.split(",")
+    ]
+    hops = [h for h in hops if h]
+    if not hops:
+        return peer
+    candidate = hops[-proxy_hops] if len(hops) >= proxy_hops else hops[0]
+    try:
+        return str(ipaddress.ip_address(candidate))
+    except ValueError:
+        return peer  # not an address: no proxy of ours wrote that

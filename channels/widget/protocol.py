@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from channels.base import ConversationEvent
+from channels.http import load_json
 from channels.stream_cursor import StreamCursor
 from channels.widget.identity import valid_client_id
 
@@ -72,7 +73,7 @@ def problem_frame(code: str, detail: str, **extra: Any) -> str:
 
 def parse_frame(text: str) -> dict[str, Any]:
     try:
-        frame = json.loads(text)
+        frame = load_json(text)
     except ValueError as e:
         raise ProtocolError("invalid_json", f"the frame is not valid JSON: {e}") from e
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):

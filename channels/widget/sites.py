@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -50,10 +51,14 @@ def _same_host_referer(request: web.Request) -> bool:
 
 
 class Sites:
-    def __init__(self, sites: list[SiteSettings]) -> None:
+    def __init__(self, sites: list[SiteSettings], ephemeral_secret_for: str | None = None) -> None:
+        """`ephemeral_secret_for`: a site (the demo page's) that signs its visitors in with a
+        key made for this process when the configuration names none."""
         self._sites: dict[str, Site] = {}
         for s in sites:
             secret: str | None = None
+            if s.key == ephemeral_secret_for and not s.identity_secret_env:
+                secret = secrets.token_hex(32)
             if s.identity_secret_env:
                 secret = os.environ.get(s.identity_secret_env) or None
                 if secret is None:

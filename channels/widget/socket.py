@@ -39,6 +39,8 @@ HELLO_TIMEOUT_S = 15.0
 # Application close codes (4000-4999) the widget understands.
 CLOSE_BAD_HELLO = 4400  # fix the integration: the widget shows the reason and stops
 CLOSE_RESYNC = 4409  # fell behind the live stream: reconnect and resume
+# A fault on our side (the database, a bug): the widget reconnects (with backoff) and resumes.
+CLOSE_SERVER_ERROR = int(WSCloseCode.INTERNAL_ERROR)  # 1011
 
 
 class SocketOwner(Protocol):
@@ -94,8 +96,16 @@ class SocketSession:
                 await self._serve()
         except ConnectionError:
             pass  # the visitor went away while we wrote; the page resumes when it is back
+        except Exception:
+            log.exception("widget_socket_failed")
+            await self._close(CLOSE_SERVER_ERROR, b"server error; reconnect to resume")
         finally:
             await self._stop_pump()
+
+    async def _close(self, code: int, reason: bytes) -> None:
+        if not self.ws.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.ws.close(code=code, message=reason)
 
     async def _hello(self) -> bool:
         try:
@@ -210,15 +220,20 @@ class SocketSession:
                     await self.send(event_frame(ev, with_time=with_time))
                     if ev.type == "delta":
                         metrics.DELTA_DELIVERY.observe(time.monotonic() - ev.at)
-        except (ConnectionError, RuntimeError):
+        except ConnectionError:
             return  # the socket is gone; the handler ends too
+        except Exception:
+            if self.ws.closed:
+                return  # (aiohttp raises RuntimeError writing to a closing socket)
+            # Without its pump the socket would stay open and show nothing more: close it.
+            log.exception("widget_pump_failed")
+            await self._close(CLOSE_SERVER_ERROR, b"server error; reconnect to resume")
+            return
         # The bus dropped us (shutdown, or too slow a reader): the client resumes elsewhere.
-        if not self.ws.closed:
-            with contextlib.suppress(ConnectionError):
-                await self.ws.close(
-                    code=CLOSE_RESYNC if not self.channel.closing else WSCloseCode.SERVICE_RESTART,
-                    message=b"reconnect to resume",
-                )
+        await self._close(
+            CLOSE_RESYNC if not self.channel.closing else WSCloseCode.SERVICE_RESTART,
+            b"reconnect to resume",
+        )
 
     async def _stop_pump(self) -> None:
         task, self._pump = self._pump, None

@@ -1,4 +1,5 @@
-"""`swarmdesk route "text"` and `swarmdesk eval-routing FILE.jsonl`."""
+"""`swarmdesk route "text"`, `swarmdesk eval-routing FILE.jsonl` and `swarmdesk routing
+train`."""
 
 from __future__ import annotations
 
@@ -20,10 +21,18 @@ from orchestration.routing.router import Router, describe_hit
 # orchestration never imports bot).
 LoadSettings = Callable[[argparse.Namespace], Any]  # -> bot.settings.Settings
 OpenModels = Callable[[Any], AbstractAsyncContextManager[ModelRegistry]]
+# The examples people labeled in the console (storage/routing_examples.py), as JSONL lines.
+StoredExamples = Callable[[Any], list[dict[str, Any]]]
 
 
-def register_cli(subparsers: Any, *, load_settings: LoadSettings, open_models: OpenModels) -> None:
-    """Add `route` and `eval-routing` to the `swarmdesk` command's subparsers."""
+def register_cli(
+    subparsers: Any,
+    *,
+    load_settings: LoadSettings,
+    open_models: OpenModels,
+    stored_examples: StoredExamples | None = None,
+) -> None:
+    """Add `route`, `eval-routing` and `routing train` to the `swarmdesk` command."""
     r = subparsers.add_parser("route", help="route one message and explain the decision")
     r.add_argument("text", help="the shopper's message")
     r.add_argument("--llm", action="store_true", help="ask the cheap tier when unsure")
@@ -38,6 +47,30 @@ def register_cli(subparsers: Any, *, load_settings: LoadSettings, open_models: O
     e.add_argument("--mistakes", type=int, default=0, metavar="N", help="list the first N mistakes")
     e.set_defaults(
         func=partial(cmd_eval_routing, load_settings=load_settings, open_models=open_models)
+    )
+
+    g = subparsers.add_parser("routing", help="the routing model: train it")
+    gsub = g.add_subparsers(dest="routing_command", required=True)
+    t = gsub.add_parser(
+        "train",
+        help="retrain the routing model on the corpus, the config's examples, your files "
+        "and what agents labeled",
+    )
+    t.add_argument(
+        "--add", action="append", default=[], metavar="FILE.jsonl", help="more labeled lines"
+    )
+    t.add_argument("--out", metavar="PATH", help="where to write the model (default: see below)")
+    t.add_argument("--no-stored", action="store_true", help="leave out the examples agents labeled")
+    t.add_argument(
+        "--export-stored", metavar="OUT.jsonl", help="also write those examples to a file"
+    )
+    t.add_argument(
+        "--shipped",
+        action="store_true",
+        help="the model shipped with swarmdesk: built-in data and corpus only (for developers)",
+    )
+    t.set_defaults(
+        func=partial(cmd_train, load_settings=load_settings, stored_examples=stored_examples)
     )
 
 
@@ -159,4 +192,59 @@ def cmd_eval_routing(
             json.dumps(report.as_json(), ensure_ascii=False, indent=2), encoding="utf-8"
         )
         print(f"figures written to {args.json_out}")
+    return 0
+
+
+def cmd_train(
+    args: argparse.Namespace,
+    *,
+    load_settings: LoadSettings,
+    stored_examples: StoredExamples | None,
+) -> int:
+    from orchestration.routing.config import RoutingSettings
+    from orchestration.routing.model import BUILTIN_MODEL
+    from orchestration.routing.train import CorpusError, read_examples, train
+
+    settings = load_settings(args)
+    routing: RoutingSettings = RoutingSettings() if args.shipped else settings.routing
+    router = Router(routing, untrained=True)
+    try:
+        labeled = read_examples() if routing.builtin else []
+        for name in args.add:
+            labeled += read_examples(Path(name))
+    except CorpusError as e:
+        print(f"routing train: {e}", file=sys.stderr)
+        return 2
+    stored: list[dict[str, Any]] = []
+    if stored_examples is not None and not args.shipped and not args.no_stored:
+        stored = stored_examples(settings)
+    if args.export_stored:
+        Path(args.export_stored).write_text(
+            "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in stored), "utf-8"
+        )
+    if stored:
+        from orchestration.routing.train import Example
+
+        labeled += [
+            Example(s["text"], tuple(s["intents"]), s.get("tier"), s.get("escalate"))
+            for s in stored
+        ]
+    pairs = [(text, name) for name, spec in router.data.intents.items() for text in spec.examples]
+    model = train(pairs, labeled, featurize=router.text_features, labels=router.labels)
+    if args.out:
+        out = Path(args.out)
+    elif args.shipped:
+        out = Path(__file__).parent / BUILTIN_MODEL
+    else:
+        out = Path(routing.model or "routing-model.npz")
+    model.save(out)
+    meta = model.meta
+    print(
+        f"trained on {meta['examples']} intent examples and {meta['labeled']} labeled lines "
+        f"({len(stored)} from agents); escalate at p >= {meta['escalate_at']:.2f}, "
+        f"premium at p >= {meta['premium_at']:.2f}"
+    )
+    print(f"model written to {out}")
+    if not args.shipped and routing.model is None:
+        print(f"use it: set `routing: {{model: {out}}}` in your swarmdesk.yaml")
     return 0

@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -154,7 +155,7 @@ class RoutingSettings(RoutingData):
 
     builtin: bool = Field(True, description="start from the built-in intents, rules and FAQ")
     llm_below: float = Field(
-        0.5, ge=0, le=1, description="ask the LLM when the local confidence is below this"
+        0.6, ge=0, le=1, description="ask the LLM when the local confidence is below this"
     )
     secondary_min: float = Field(
         0.8, ge=0, le=1, description="probability for a clause to add its intent"
@@ -163,14 +164,17 @@ class RoutingSettings(RoutingData):
         0.5, ge=0, le=1, description="the same for a clause that a rule of the intent matched"
     )
     secondary_fused_min: float = Field(
-        0.15, ge=0, le=1, description="whole-message probability of a ruled second intent"
+        0.2, ge=0, le=1, description="whole-message probability of a ruled second intent"
     )
     long_message: int = Field(
         140, gt=0, description="messages longer than this (CJK characters count 2) go premium"
     )
     llm_max_tokens: int = Field(120, gt=0)
     llm_timeout_seconds: float = Field(6.0, gt=0)
-    classifier_alpha: float = Field(0.3, gt=0, description="naive Bayes smoothing")
+    model: str | None = Field(
+        None,
+        description="a model file from `swarmdesk routing train` (default: the shipped one)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RoutingSettings:
@@ -195,6 +199,10 @@ class RoutingSettings(RoutingData):
                         f"{kind}[{i}].intent: unknown intent '{entry.intent}' in '{entry.name}'"
                         f" - {hint}known: {', '.join(sorted(labels))} (or add it under intents:)"
                     )
+        if self.model is not None and not Path(self.model).is_file():
+            problems.append(
+                f"model: no file at '{self.model}' (write one with `swarmdesk routing train`)"
+            )
         if not self.builtin and not any(spec.examples for spec in self.intents.values()):
             problems.append("intents: with builtin: false, give example utterances for intents")
         if problems:

@@ -57,6 +57,8 @@ class RoutingTrace:
     # clause, its top intent, probability, whether a rule for that intent matched it
     clauses: list[tuple[str, str, float, bool]] = field(default_factory=list)
     fused: list[tuple[str, float]] = field(default_factory=list)  # after rule evidence
+    escalate_p: float = 0.0  # the model's probability that a person is needed
+    premium_p: float = 0.0  # the model's probability that the premium tier is needed
     signals: dict[str, str] = field(default_factory=dict)
     llm_text: str | None = None
     llm_error: str | None = None

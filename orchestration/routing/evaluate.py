@@ -101,7 +101,15 @@ class Report:
     latency_us_p99: float
     llm_calls: int = 0
     llm_cost: float = 0.0
+    # The confidence trade-off of the local decision at `threshold` (routing.llm_below):
+    # the share decided locally, the primary accuracy there, and on the rest (which the
+    # cheap tier classifies when an LLM is configured).
+    threshold: float = 0.0
+    confident_share: float = 1.0
+    confident_accuracy: float = 0.0
+    unsure_accuracy: float | None = None
     per_language: dict[str, float] = field(default_factory=dict)  # primary accuracy
+    per_intent: dict[str, dict[str, float]] = field(default_factory=dict)  # P/R/F1 of sets
     worst_intents: list[dict[str, Any]] = field(default_factory=list)
     mistakes: list[dict[str, Any]] = field(default_factory=list)
 
@@ -116,6 +124,7 @@ def _pct(values: list[float], q: float) -> float:
 
 async def evaluate(router: Router, rows: list[Labeled], llm: LlmClassify | None = None) -> Report:
     decisions: list[RoutingDecision] = []
+    locals_: list[RoutingDecision] = []
     latencies: list[float] = []
     records: list[CallRecord] = []
     paid: list[bool] = []  # a model was called for this message (even if it failed)
@@ -125,6 +134,7 @@ async def evaluate(router: Router, rows: list[Labeled], llm: LlmClassify | None 
         started = time.perf_counter()
         local = router.route_local(row.text)
         latencies.append((time.perf_counter() - started) * 1e6)
+        locals_.append(local)
         if llm is None:
             decisions.append(local)
             paid.append(False)
@@ -133,7 +143,29 @@ async def evaluate(router: Router, rows: list[Labeled], llm: LlmClassify | None 
             decisions.append(d)
             records.extend(recs)
             paid.append(bool(recs) or d.stage == "llm")
-    return score(rows, decisions, latencies, records, paid)
+    report = score(rows, decisions, latencies, records, paid)
+    trade_off(report, rows, locals_, router.settings.llm_below)
+    return report
+
+
+def trade_off(
+    report: Report, rows: list[Labeled], local: list[RoutingDecision], threshold: float
+) -> None:
+    """Coverage and accuracy of the local decision above and below the LLM threshold."""
+    sure = [
+        d.primary == r.intents[0]
+        for r, d in zip(rows, local, strict=True)
+        if d.confidence >= threshold
+    ]
+    unsure = [
+        d.primary == r.intents[0]
+        for r, d in zip(rows, local, strict=True)
+        if d.confidence < threshold
+    ]
+    report.threshold = threshold
+    report.confident_share = len(sure) / len(rows)
+    report.confident_accuracy = sum(sure) / len(sure) if sure else 0.0
+    report.unsure_accuracy = sum(unsure) / len(unsure) if unsure else None
 
 
 def score(
@@ -150,6 +182,7 @@ def score(
     stages: Counter[str] = Counter()
     by_lang: dict[str, list[int]] = {}
     per_intent: dict[str, Counter[str]] = {}
+    sets: dict[str, list[int]] = {}  # intent -> [tp, fp, fn] over intent sets
     mistakes = []
     for row, d in zip(rows, decisions, strict=True):
         stages[d.stage] += 1
@@ -160,6 +193,9 @@ def score(
         lang[1] += 1
         per_intent.setdefault(row.intents[0], Counter())[d.intents[0]] += 1
         gold, got = set(row.intents), set(d.intents)
+        for lb in gold | got:
+            c = sets.setdefault(lb, [0, 0, 0])
+            c[0 if lb in gold and lb in got else 1 if lb in got else 2] += 1
         tp += len(gold & got)
         fp += len(got - gold)
         fn += len(gold - got)
@@ -218,9 +254,16 @@ def score(
         llm_calls=len(records),
         llm_cost=sum(r.cost for r in records),
         per_language={k: v[0] / v[1] for k, v in sorted(by_lang.items())},
+        per_intent={lb: _prf(*c) for lb, c in sorted(sets.items())},
         worst_intents=worst,
         mistakes=mistakes,
     )
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
 
 
 def _fmt(x: float | None) -> str:
@@ -240,11 +283,20 @@ def format_report(r: Report, *, show_mistakes: int = 0) -> str:
         f"  ({', '.join(f'{k} {v}' for k, v in sorted(r.stages.items()))})",
         f"routing latency (local)   p50 {r.latency_us_p50:.0f} µs, p99 {r.latency_us_p99:.0f} µs",
     ]
+    lines.append(
+        f"confidence >= {r.threshold:g}        {_fmt(r.confident_share)} of messages, primary "
+        f"accuracy {_fmt(r.confident_accuracy)}; below: {_fmt(r.unsure_accuracy)} locally "
+        "(the cheap tier classifies these with --llm)"
+    )
     if r.llm_calls:
         lines.append(f"LLM classification calls  {r.llm_calls}, cost {r.llm_cost:.6f}")
     lines.append(
         "primary accuracy by lang  "
         + ", ".join(f"{k} {_fmt(v)}" for k, v in r.per_language.items())
+    )
+    lines.append(
+        "intent-set F1 by intent   "
+        + ", ".join(f"{k} {_fmt(v['f1'])}" for k, v in r.per_intent.items())
     )
     lines.append("worst intents (primary):")
     for w in r.worst_intents[:5]:

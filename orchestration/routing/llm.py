@@ -17,7 +17,8 @@ from typing import Any
 
 from orchestration.events import CallRecord
 from orchestration.llm.registry import ModelRegistry
-from orchestration.llm.types import ChatMessage, ErrorKind, LLMError
+from orchestration.llm.tier_call import TierFailed, call_tier
+from orchestration.llm.types import ChatMessage, LLMError
 
 LlmClassify = Callable[[list[ChatMessage]], Awaitable[tuple[str, CallRecord | list[CallRecord]]]]
 """Ask a model; return its text and the ledger record(s) of the attempt(s). May raise
@@ -104,48 +105,17 @@ def registry_classifier(
     async def classify(
         messages: list[ChatMessage],
     ) -> tuple[str, CallRecord | list[CallRecord]]:
-        records: list[CallRecord] = []
-        last: LLMError = LLMError(ErrorKind.CONNECTION, f"tier '{tier}' has no models")
-        for entry in models.chain(tier):
-            try:
-                text, stats = await entry.client.complete_chat(
-                    entry.model,
-                    messages,
-                    max_tokens=min(max_tokens, entry.max_tokens or max_tokens),
-                    temperature=0,
-                    extra={"response_format": {"type": "json_object"}},
-                )
-            except LLMError as e:
-                last = e
-                records.append(
-                    CallRecord(
-                        provider=entry.provider,
-                        model=entry.model,
-                        outcome=e.kind.value,
-                        tier=tier,
-                        purpose="classify",
-                        error=str(e)[:500],
-                    )
-                )
-                continue
-            records.append(
-                CallRecord(
-                    provider=entry.provider,
-                    model=entry.model,
-                    outcome="ok",
-                    tier=tier,
-                    purpose="classify",
-                    first_token_ms=None
-                    if stats.first_token_s is None
-                    else stats.first_token_s * 1000,
-                    latency_ms=None if stats.total_s is None else stats.total_s * 1000,
-                    input_tokens=stats.usage.input_tokens,
-                    output_tokens=stats.usage.output_tokens,
-                    usage_estimated=stats.usage.estimated,
-                    cost=entry.price.cost(stats.usage),
-                )
+        try:
+            text, records = await call_tier(
+                models,
+                tier,
+                messages,
+                purpose="classify",
+                max_tokens=max_tokens,
+                extra={"response_format": {"type": "json_object"}},
             )
-            return text, records if len(records) > 1 else records[0]
-        raise ClassifyError(last, records)
+        except TierFailed as e:
+            raise ClassifyError(e, e.records) from e
+        return text, records if len(records) > 1 else records[0]
 
     return classify

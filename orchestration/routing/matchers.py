@@ -84,8 +84,8 @@ def _automaton(table: dict[str, list[tuple[int, str]]]) -> ahocorasick.Automaton
 class CompiledMatcher:
     """One matcher: its keywords (in the shared index) and its patterns (one regex)."""
 
-    def __init__(self, matcher: Matcher, index: KeywordIndex) -> None:
-        self.id = index.register(matcher.keywords)
+    def __init__(self, matcher: Matcher, index: KeywordIndex | None = None) -> None:
+        self.id = (index or KeywordIndex()).register(matcher.keywords)
         self._keywords = [normalize_pattern(k.strip()) for k in matcher.keywords]
         parts = [f"(?:{normalize_pattern(p)})" for p in matcher.patterns]
         self._re = re.compile("|".join(parts)) if parts else None

@@ -12,11 +12,11 @@ import math
 import time
 from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
 
 from orchestration.events import CallRecord
 from orchestration.language import language
 from orchestration.llm.types import LLMError
-from orchestration.routing.classifier import IntentClassifier
 from orchestration.routing.config import RoutingData, RoutingSettings
 from orchestration.routing.decision import RoutingDecision, RoutingTrace
 from orchestration.routing.llm import LlmClassify, LlmVerdict, classify_messages, parse_verdict
@@ -28,19 +28,22 @@ from orchestration.routing.matchers import (
     KeywordIndex,
     RuleHit,
 )
-from orchestration.routing.text import clauses, normalize, visible_length
+from orchestration.routing.model import RoutingModel
+from orchestration.routing.text import clauses, features, normalize, visible_length
 
 _FAQ_WEIGHT = 4.0
 _FAQ_WEIGHT_ALONE = 10.0
 # Confidence given to an LLM verdict (it states no probability of its own).
 _LLM_CONFIDENCE = 0.8
 _MAX_INTENTS = 3
-_GUESS_MIN = 0.8
+_GUESS_MIN = 0.3
+_ESCALATE_SURE = 0.5
 _TASKS = frozenset({"logistics", "order_status", "refund", "product", "discount"})
 
 
 class Router:
-    def __init__(self, settings: RoutingSettings) -> None:
+    def __init__(self, settings: RoutingSettings, *, untrained: bool = False) -> None:
+        """`untrained`: no model (every intent equally likely) - what training starts from."""
         self.settings = settings
         data: RoutingData = settings.resolved()
         self.data = data
@@ -52,12 +55,41 @@ class Router:
         self.index.build()
         self.descriptions = {name: spec.description for name, spec in data.intents.items()}
         started = time.perf_counter()
-        examples = tuple(
-            (name, tuple(normalize(t) for t in spec.examples))
-            for name, spec in data.intents.items()
+        self.classifier = (
+            RoutingModel.empty(self.labels) if untrained else self._model(settings, data)
         )
-        self.classifier = _trained(examples, settings.classifier_alpha)
         self.training_ms = (time.perf_counter() - started) * 1000
+
+    def _model(self, settings: RoutingSettings, data: RoutingData) -> RoutingModel:
+        """The shop's trained file, else the shipped model; a config that adds examples or
+        intents of its own is trained at start-up (once per process and config)."""
+        if settings.model is not None:
+            return _loaded(settings.model)
+        own = any(spec.examples for spec in settings.intents.values())
+        if settings.builtin and not own:
+            return _loaded(None)
+        key = settings.model_dump_json()
+        model = _TRAINED.get(key)
+        if model is None:
+            from orchestration.routing.train import read_examples, train
+
+            pairs = [(t, name) for name, spec in data.intents.items() for t in spec.examples]
+            labeled = read_examples() if settings.builtin else []
+            model = train(pairs, labeled, featurize=self.text_features, labels=self.labels)
+            _TRAINED[key] = model
+        return model
+
+    def prepare(self, text: str) -> str:
+        """The normalised text without denied topics ("not a complaint")."""
+        return self.signals.negation.sub(normalize(text)).strip()
+
+    def text_features(self, text: str) -> list[str]:
+        """What the model scores for a raw message (training uses this too)."""
+        masked = self.prepare(text)
+        found = self.index.scan(masked)
+        hits = self._rule_hits(self.rules, masked, found)
+        faq = next((f.name for f in self.faq if f.match(masked, found) is not None), None)
+        return model_features(masked, hits, self.signals.found(masked, found), faq)
 
     # -- local stages -------------------------------------------------------------------
 
@@ -73,7 +105,11 @@ class Router:
             if hit is not None:
                 trace.faq, trace.faq_matched = faq.name, hit
                 break
-        trace.classifier = self.classifier.predict(masked)
+        scores = self.classifier.scores(
+            model_features(masked, trace.rule_hits, trace.signals, trace.faq)
+        )
+        trace.classifier = scores.intents
+        trace.escalate_p, trace.premium_p = scores.escalate, scores.premium
         trace.fused = self._fuse(trace.classifier, trace.rule_hits, trace.faq)
         parts = clauses(masked)
         if len(parts) > 1:
@@ -81,9 +117,13 @@ class Router:
             # Only rules that matched the whole message can match a part of it.
             hit_names = {h.name for h in trace.rule_hits}
             candidates = [r for r in self.rules if r.name in hit_names]
-            for part in parts:
-                hits = self._rule_hits(candidates, part, self.index.scan(part))
-                fused = self._fuse(self.classifier.predict(part), hits, None)
+            part_hits = [self._rule_hits(candidates, p, self.index.scan(p)) for p in parts]
+            # All clauses scored in one pass over the weights.
+            part_probs = self.classifier.intents_batch(
+                [model_features(p, h, {}, None) for p, h in zip(parts, part_hits, strict=True)]
+            )
+            for part, hits, probs in zip(parts, part_hits, part_probs, strict=True):
+                fused = self._fuse(probs, hits, None)
                 label, p = fused[0]
                 ruled = any(h.intent == label for h in hits)
                 trace.clauses.append((part, label, p, ruled))
@@ -96,10 +136,13 @@ class Router:
     def _fuse(
         self, probs: list[tuple[str, float]], hits: list[RuleHit], faq_name: str | None
     ) -> list[tuple[str, float]]:
-        """Classifier probabilities with rule (and FAQ) evidence added as log-odds."""
+        """Classifier probabilities with rule and FAQ evidence added as log-odds. Rules the
+        model was trained with are in its probabilities already and count only there; a
+        shop's new rules, and FAQ phrases (precise: alone they decide), count here."""
         boost: dict[str, float] = {}
         for h in hits:
-            boost[h.intent] = max(boost.get(h.intent, 0.0), h.weight)
+            if not self.classifier.knows("rule:" + h.name):
+                boost[h.intent] = max(boost.get(h.intent, 0.0), h.weight)
         if faq_name is not None:
             intent = self._faq_by_name(faq_name).intent
             # FAQ phrases are precise: alone they decide; against another intent's rule
@@ -148,7 +191,7 @@ class Router:
         sentiment = self._sentiment(trace, intents)
         escalate, esc_reasons = self._escalation(trace, intents)
         complexity, cx_reasons = self._complexity(trace, intents)
-        tier, tier_reasons = self._tier(intents, sentiment, complexity, sticky_tier)
+        tier, tier_reasons = self._tier(trace, intents, sentiment, complexity, sticky_tier)
         rule_intents = {h.intent for h in trace.rule_hits}
         stage = "rule" if primary in rule_intents else "classifier"
         faq_answer = None
@@ -199,6 +242,11 @@ class Router:
         rest = sorted((lb for lb in first_seen if lb != primary), key=lambda lb: first_seen[lb])
         if primary in _TASKS and self._upset(trace) and "complaint" not in rest:
             rest.append("complaint")
+        if "human" in rest:
+            # Asking for a person decides how the whole turn is handled: it leads.
+            rest.remove("human")
+            rest.insert(0, primary)
+            primary = "human"
         return (primary, *rest)[:_MAX_INTENTS]
 
     def _upset(self, trace: RoutingTrace) -> bool:
@@ -233,6 +281,14 @@ class Router:
         for key, label in labels.items():
             if key in s:
                 reasons.append(f"{label}: '{s[key]}'")
+        p = trace.escalate_p
+        # The model alone decides when sure; when it only leans that way, the shopper must
+        # also be upset or be asking for a person or complaining ("客服几点上班" is neither).
+        leaning = p >= self.classifier.escalate_at and (
+            self._upset(trace) or bool({"human", "complaint"} & set(intents))
+        )
+        if p >= _ESCALATE_SURE or leaning:
+            reasons.append(f"the model says a person is needed (p {p:.2f})")
         return bool(reasons), [f"escalate: {r}" for r in reasons]
 
     def _complexity(self, trace: RoutingTrace, intents: tuple[str, ...]) -> tuple[str, list[str]]:
@@ -254,9 +310,16 @@ class Router:
         return ("complex" if reasons else "simple"), [f"complex: {r}" for r in reasons]
 
     def _tier(
-        self, intents: tuple[str, ...], sentiment: str, complexity: str, sticky: str | None
+        self,
+        trace: RoutingTrace,
+        intents: tuple[str, ...],
+        sentiment: str,
+        complexity: str,
+        sticky: str | None,
     ) -> tuple[str, list[str]]:
         reasons = []
+        if trace.premium_p >= self.classifier.premium_at:
+            reasons.append(f"premium: the model says it needs reasoning (p {trace.premium_p:.2f})")
         if sticky == "premium":
             reasons.append("premium: the conversation is already on premium (sticky)")
         if complexity == "complex":
@@ -325,7 +388,7 @@ class Router:
         complexity = "complex" if "complex" in (verdict.complexity, local_cx) else "simple"
         if verdict.complexity == "complex":
             cx_reasons.append("complex: the LLM says so")
-        tier, tier_reasons = self._tier(intents, sentiment, complexity, sticky_tier)
+        tier, tier_reasons = self._tier(trace, intents, sentiment, complexity, sticky_tier)
         return RoutingDecision(
             intents=intents,
             confidence=max(_LLM_CONFIDENCE, local.confidence)
@@ -342,10 +405,27 @@ class Router:
 
 
 @lru_cache(maxsize=4)
-def _trained(examples: tuple[tuple[str, tuple[str, ...]], ...], alpha: float) -> IntentClassifier:
-    """Train once per set of examples: a process that builds several routers (tests, one
-    app per test) does not pay for training again. The classifier is read-only."""
-    return IntentClassifier(dict(examples), alpha=alpha)
+def _loaded(path: str | None) -> RoutingModel:
+    """Read a model file once per process: routers share it read-only."""
+    return RoutingModel.load(None if path is None else Path(path))
+
+
+# Models trained at start-up, by config: a process that builds several routers (tests,
+# one app per test) trains once. Models are read-only.
+_TRAINED: dict[str, RoutingModel] = {}
+
+
+def model_features(
+    masked: str, hits: list[RuleHit], signals: dict[str, str], faq: str | None
+) -> list[str]:
+    """The words of a text plus what matched it: the model learns how far each rule,
+    FAQ entry and signal is to be trusted."""
+    feats = features(masked)
+    feats.extend("rule:" + h.name for h in hits)
+    feats.extend("sig:" + k for k in signals)
+    if faq is not None:
+        feats.append("faq:" + faq)
+    return feats
 
 
 _SEVERITY = {"positive": 0, "neutral": 1, "negative": 2, "angry": 3}

@@ -34,6 +34,8 @@ from wechatpy.crypto import WeChatCrypto
 from wechatpy.enterprise.crypto import PrpCrypto
 from wechatpy.enterprise.crypto import WeChatCrypto as EnterpriseCrypto
 
+from simulator.fakes.server import LocalServer
+
 MAX_BYTES = 2048
 WINDOW_S = 48 * 3600
 
@@ -92,7 +94,7 @@ class _Token:
     expires_at: float
 
 
-class FakeWechatApi:
+class FakeWechatApi(LocalServer):
     def __init__(
         self,
         *,
@@ -116,8 +118,6 @@ class FakeWechatApi:
         self.fail_next: deque[int] = deque()  # errcodes for the next sends
         self._wecom_sends: dict[str, deque[float]] = defaultdict(deque)
         self._ids = itertools.count(1)
-        self._runner: web.AppRunner | None = None
-        self.base_url = ""
 
     # -- control -----------------------------------------------------------------------------
 
@@ -159,19 +159,6 @@ class FakeWechatApi:
         app.router.add_post("/response_url/{key}", self._response_url)
         app.router.add_get("/_fake/sent", self._dump)
         return app
-
-    async def start(self, port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await site.start()
-        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self.base_url
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     def response_url(self, key: str | None = None) -> str:
         return f"{self.base_url}/response_url/{key or secrets.token_hex(6)}"

@@ -33,6 +33,7 @@
     agent: ['Support agent', '人工客服'],
     system: ['Notice', '通知'],
     typing: ['Assistant is typing', '助手正在输入'],
+    agentTyping: ['Support agent is typing', '人工客服正在输入'],
     log: ['Chat messages', '聊天记录'],
     suggestions: ['Suggestions', '常见问题'],
     online: ['Online · we reply in seconds', '在线 · 秒级回复'],
@@ -296,12 +297,18 @@
     ui.quick.hidden = !list.length || S.sentAny || !!ui.log.querySelector('.from-me');
   }
 
-  function showTyping(seq) {
+  // A person typing in the console sends a hint every few seconds: it fades without one.
+  var AGENT_TYPING_MS = 6000;
+  var agentTypingTimer = null;
+  function showTyping(seq, byAgent) {
     if (S.streams[seq] || seq <= S.wm || S.seen[seq]) return;
+    clearTimeout(agentTypingTimer);
+    if (byAgent) agentTypingTimer = setTimeout(hideTyping, AGENT_TYPING_MS);
+    if (S.typingSeq === seq && ui.log.querySelector('.typing')) return;
     hideTyping();
     S.typingSeq = seq;
     var row = el('div', 'msg from-bot typing');
-    row.setAttribute('aria-label', S.T.typing);
+    row.setAttribute('aria-label', byAgent ? S.T.agentTyping : S.T.typing);
     row.setAttribute('role', 'status');
     var b = el('div', 'bubble');
     for (var i = 0; i < 3; i++) b.appendChild(el('span', 'dot'));
@@ -384,7 +391,7 @@
       case 'ready': return onReady(f);
       case 'delta': return onDelta(f);
       case 'message': case 'final': case 'error': return onDurable(f);
-      case 'typing': return showTyping(f.seq);
+      case 'typing': return showTyping(f.seq, f.by === 'agent');
       case 'ack': return onAck(f);
       case 'conversation':
         if (f.conversation_id !== S.conv) resetConversation(f.conversation_id);
@@ -626,6 +633,7 @@
       S.ws = null;
       clearInterval(S.pingTimer);
       if (e.code === 4400) return fatal(e.reason);
+      // Any other close (4409 fell behind, 1011 server error, 1001/1012 restart): resume.
       if (!opened) S.wsFailures++;
       lost();
     };
