@@ -530,19 +530,22 @@ async def test_a_person_answers_through_the_api_and_hands_back(wx: Wx) -> None:
         await wang.sign_in()
         user, msg_id = openid(), wx.shop.msg_id()
         r = await wx.shop.send_text(user, "转人工", msg_id)
-        assert wx.shop.reply_text(r) == "人工客服稍后会加入对话。"
+        assert r.status_code == 200
+        told = await wx.settled_answer(msg_id)  # passively, or by the API on a slow day
+        assert told.text == "人工客服稍后会加入对话。" and told.status == "sent"
+        bot_texts = wx.api.texts(user)
         cid = (await wx.conversation(msg_id)).id
         assert [c["id"] for c in await wang.waiting()] == [cid]
         assert (await wang.post(f"/conversations/{cid}/claim")).status_code == 200
         r = await wang.post(f"/conversations/{cid}/reply", {"text": "您好，我是客服小王。"})
         assert r.status_code == 200 and r.json()["status"] == "sent"
-        assert wx.api.texts(user) == ["您好，我是客服小王。"]
+        assert wx.api.texts(user) == [*bot_texts, "您好，我是客服小王。"]
         # While the person has it the bot stays silent: no passive reply, no API message.
         later = wx.shop.msg_id()
         r = await wx.shop.send_text(user, "我的订单 ORD-1001 到哪了？", later)
         assert wx.shop.reply_text(r) is None
         await eventually(lambda: _status_is(wx, later, "human"))
-        assert wx.api.texts(user) == ["您好，我是客服小王。"]
+        assert wx.api.texts(user) == [*bot_texts, "您好，我是客服小王。"]
         assert (await wang.post(f"/conversations/{cid}/handback")).status_code == 200
         again = wx.shop.msg_id()
         await wx.shop.send_text(user, "那耳机可以退吗？", again)

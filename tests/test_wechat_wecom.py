@@ -284,3 +284,41 @@ async def test_bot_refuses_bad_callbacks(wc: Wc) -> None:
     r = await wc.http.post("/wecom/bot", params=params, content=b"{not json")
     assert r.status_code == 400
     assert await wc.message_count() == 0
+
+
+async def test_bot_stream_stops_when_a_person_claims_the_conversation(wc: Wc) -> None:
+    from tests.test_agents_console import Console, _agent
+
+    await _agent(wc.svc, "wang")
+    wang = Console(wc.svc, "wang")
+    try:
+        await wang.sign_in()
+        payload = wc.bot.text_payload(
+            user(), "这件衣服是什么面料的？ [[sim:tokens=80]] [[sim:tps=10]]"
+        )
+        first = wc.bot.decode(await wc.bot.post(payload))
+        assert first is not None
+        sid = first["stream"]["id"]
+
+        async def writing() -> str | None:
+            reply = await wc.bot.poll(sid)
+            content = reply["stream"]["content"] if reply else ""
+            return content or None
+
+        shown = await eventually(writing)
+        inbound = await wc.inbound(payload["msgid"])
+        assert inbound is not None
+        r = await wang.post(f"/conversations/{inbound.conversation_id}/claim")
+        assert r.status_code == 200
+        stream, _ = await wc.bot.poll_until_finished(sid)
+        # The stream closes on what was shown at the claim (give or take a piece).
+        assert len(stream["content"]) <= len(shown) + 20
+
+        async def abandoned() -> bool:
+            async with wc.svc.services.sessions() as s:
+                q = select(Message.status).where(Message.reply_to_id == inbound.id)
+                return list((await s.execute(q)).scalars()) == ["abandoned"]
+
+        assert await eventually(abandoned)
+    finally:
+        await wang.close()

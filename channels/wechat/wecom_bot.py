@@ -26,7 +26,14 @@ from wechatpy.enterprise.crypto import WeChatCrypto as EnterpriseCrypto
 from wechatpy.exceptions import InvalidSignatureException
 from wechatpy.utils import WeChatSigner, to_text
 
-from channels.base import ConversationRef, Delivery, InboundMessage, ReplySink, StoredMessage
+from channels.base import (
+    ConversationRef,
+    Delivery,
+    InboundMessage,
+    ReplySink,
+    StoredMessage,
+    may_send,
+)
 from channels.http import ID_LIMIT, ApiError, parse_json_object
 from channels.wechat.api import WechatApiError, WechatTransportError, post_response_url
 from channels.wechat.chunks import split_text
@@ -334,11 +341,13 @@ class _BotSink(ReplySink):
 
     async def push(self, delta: str) -> None:
         s = self._stream
-        if s.final is None and not s.closed:
-            s.content += delta  # the next poll shows it
+        if s.final is None and not s.closed and may_send():
+            s.content += delta  # the next poll shows it (unless a person took over)
 
     async def finish(self, final_text: str) -> Delivery:
         s = self._stream
+        if not may_send():
+            return Delivery(ok=False, detail="a person took the conversation over")
         if not s.closed and time.monotonic() < s.expires:
             s.final = final_text
             s.ready.set()
