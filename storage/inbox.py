@@ -301,8 +301,13 @@ def report(conn: Connection, since: datetime) -> list[dict[str, Any]]:
             },
         )
 
+    # (A conversation of the period was handed over after it began: no older events needed.)
     handed = set(
-        conn.execute(select(_H.conversation_id).where(_H.to_owner == WAITING).distinct()).scalars()
+        conn.execute(
+            select(_H.conversation_id)
+            .where(_H.to_owner == WAITING, _H.created_at >= since)
+            .distinct()
+        ).scalars()
     )
     for cid, channel, created, rating in conn.execute(
         select(C.id, C.channel, C.created_at, C.rating).where(C.created_at >= since)

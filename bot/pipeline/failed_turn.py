@@ -90,8 +90,10 @@ async def _store_fallback(parts: Parts, reply: ReplySettings, begun: Answering) 
         )
     )
     parts.hub.publish(message_event(row))
-    log.info("handoff_requested", conversation_id=conv.id, reason=REASON)
-    if delivered or row.status == MessageStatus.ABANDONED.value:
+    if row.status == MessageStatus.ABANDONED.value:
+        return  # a person has it already
+    parts.outbox.handed_over(conv.id, REASON)
+    if delivered:
         return
     if channel is None:  # the channel is gone from the config: a person follows up
         await parts.db.write(

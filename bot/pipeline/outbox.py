@@ -76,12 +76,7 @@ class Outbox:
             )
         )
         if handed:
-            log.info("handoff_requested", conversation_id=conversation_id, reason=reason)
-            metrics.HANDOFFS.labels(reason).inc()
-            if self.hub is not None:
-                self.hub.announce(owner_event(conversation_id, WAITING, "handoff", reason))
-            if self.summaries is not None:
-                self.summaries.request(conversation_id)
+            self.handed_over(conversation_id, reason)
             conv = await self.db.read(
                 partial(reads.get_conversation, conversation_id=conversation_id)
             )
@@ -89,6 +84,17 @@ class Outbox:
             if conv is not None and channel is not None:
                 await handed_off(channel, conv, reason)
         return handed
+
+
+    def handed_over(self, conversation_id: int, reason: str) -> None:
+        """A handoff was stored (here, or with the answer that says so): count it, tell the
+        console and the webhooks, have the card's summary written."""
+        log.info("handoff_requested", conversation_id=conversation_id, reason=reason)
+        metrics.HANDOFFS.labels(reason).inc()
+        if self.hub is not None:
+            self.hub.announce(owner_event(conversation_id, WAITING, "handoff", reason))
+        if self.summaries is not None:
+            self.summaries.request(conversation_id)
 
 
 async def handed_off(channel: Channel, conv: ConversationRef, reason: str) -> None:

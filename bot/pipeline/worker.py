@@ -13,7 +13,6 @@ from typing import Any
 import structlog
 
 from bot import metrics
-from bot.hub import owner_event
 from bot.pipeline.failed_turn import give_up, turn_retries
 from bot.pipeline.outbox import handed_off, handoff_card
 from bot.pipeline.parts import Parts
@@ -40,7 +39,6 @@ from orchestration.events import (
 from orchestration.orchestrator import Orchestrator
 from storage import answers, inbox
 from storage.answers import Answering, NotAnswering
-from storage.handoff import WAITING
 from storage.models import Direction, MessageStatus, Sender
 from storage.rows import HistoryRow
 
@@ -294,10 +292,7 @@ class TurnWorker:
             metrics.REPLIES.labels(conv.channel, "abandoned").inc()
             return
         if handoff is not None:
-            log.info("handoff_requested", conversation_id=conv.id, reason=handoff[0])
-            metrics.HANDOFFS.labels(handoff[0]).inc()
-            self.hub.announce(owner_event(conv.id, WAITING, "handoff", handoff[0]))
-            self.parts.summaries.request(conv.id)
+            self.parts.outbox.handed_over(conv.id, handoff[0])
         self.hub.publish(message_event(row))
         metrics.REPLY_TIME.labels(conv.channel).observe(time.monotonic() - started)
         metrics.REPLIES.labels(conv.channel, "degraded" if final.degraded else "model").inc()
