@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -17,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot import metrics, safety
+from bot import demo_shop, metrics, safety
 from bot.console.api import AgentApi
 from bot.console.assets import register_console_assets
 from bot.console.webhooks import Webhooks, missing_secrets
@@ -31,6 +32,8 @@ from bot.workqueue import InProcessQueue
 from channels import api, telegram, wechat, widget
 from channels.base import Channel
 from channels.http import ApiError, error_response, json_errors
+from knowledge.base import DEFAULT_COLLECTION
+from knowledge.service import KnowledgeBase
 from orchestration.llm.registry import ModelRegistry
 from orchestration.orchestrator import Orchestrator
 from orchestration.resilience import Guards
@@ -55,6 +58,7 @@ class Services:
     models: ModelRegistry
     channels: dict[str, Channel]
     tools: ToolRunner
+    knowledge: KnowledgeBase  # the shop's documents
 
     @property
     def host(self) -> Host:
@@ -66,6 +70,29 @@ class Services:
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+
+
+def build_orchestrator(
+    settings: Settings, models: ModelRegistry, tools: ToolRunner, knowledge: KnowledgeBase
+) -> Orchestrator:
+    """The team that answers shoppers, as configured (the service and `eval-knowledge`)."""
+    return Orchestrator(
+        ModelRunner(
+            models,
+            Guards(settings.resilience),
+            settings.resilience,
+            flush_seconds=settings.reply.stream_flush_ms / 1000,
+        ),
+        Router(settings.routing),
+        settings.specialists,
+        tools,
+        settings.reply,
+        settings.budgets,
+        classifier=registry_classifier(models),
+        knowledge=knowledge,
+    )
+# The demo shop's policies and product pages (watched while the demo shop is on).
+DEMO_KNOWLEDGE = Path(demo_shop.__file__).parent / "knowledge"
 SETTINGS = web.AppKey("settings", Settings)
 CHANNELS: web.AppKey[dict[str, Channel]] = web.AppKey("channels", dict)
 
@@ -105,21 +132,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     models = await model_scope.enter_async_context(open_models(settings))
     channels: dict[str, Channel] = app[CHANNELS]
     tools = ToolRunner(settings.tools, base_url=_own_url(settings))
-    orchestrator = Orchestrator(
-        ModelRunner(
-            models,
-            Guards(settings.resilience),
-            settings.resilience,
-            flush_seconds=settings.reply.stream_flush_ms / 1000,
-        ),
-        Router(settings.routing),
-        settings.specialists,
-        tools,
-        settings.reply,
-        settings.budgets,
-        classifier=registry_classifier(models),
-    )
     database = executor.for_engine(engine, settings.database.pool_size)
+    knowledge = await KnowledgeBase.open(database, settings.knowledge, providers=settings.providers)
+    if settings.demo_shop.enabled:
+        knowledge.add_folder(DEMO_KNOWLEDGE, collection=DEFAULT_COLLECTION)
+    # Watched folders are indexed before the first message is taken: an early question
+    # must not get "I'll check" for a policy its documents state.
+    await knowledge.start()
+    orchestrator = build_orchestrator(settings, models, tools, knowledge)
     # Today's spend from the ledger, so a restart doesn't reset the day's budget.
     today = datetime.now(UTC).date()
     start = datetime(today.year, today.month, today.day, tzinfo=UTC)
@@ -154,6 +174,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         models,
         channels,
         tools,
+        knowledge,
     )
     app[SERVICES] = services
     await pipeline.recover()
@@ -185,6 +206,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     for ch in channels.values():
         await ch.close()
     await tools.aclose()
+    await knowledge.aclose()
     await model_scope.aclose()
     await pipeline.close()
     await engine.dispose()

@@ -12,9 +12,12 @@ from pydantic import ValidationError
 
 from bot import logging as logs
 from bot.console.cli import register_cli as register_agents_cli
+from bot.knowledge_eval import register_cli as register_eval_knowledge_cli
+from bot.knowledge_faq import check_faq
 from bot.models import fast_models
 from bot.settings import ConfigError, Settings, load_settings
 from channels.telegram.cli import register_cli as register_telegram_cli
+from knowledge.cli import register_cli as register_kb_cli
 from orchestration.routing.cli import register_cli as register_routing_cli
 from simulator import cli as simulator_cli
 
@@ -174,6 +177,8 @@ def parser() -> argparse.ArgumentParser:
     )
     register_agents_cli(sub, load_settings=_settings)
     register_telegram_cli(sub, load_settings=_settings, serve=cmd_serve)
+    register_kb_cli(sub, load_settings=_settings, check_faq=check_faq)
+    register_eval_knowledge_cli(sub, load_settings=_settings)
     return p
 
 

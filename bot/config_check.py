@@ -100,4 +100,11 @@ def check(path: str | os.PathLike[str] | None) -> tuple[bool, str]:
                 f"  WARNING: channels.wechat.official_accounts[{acc.name}]: {acc.mode()} mode "
                 "sends message bodies unsigned; use safe mode (encryption: safe, aes_key_env)"
             )
+    for i, folder in enumerate(settings.knowledge.folders):
+        if not Path(folder.path).is_dir():
+            notes.append(
+                f"  WARNING: knowledge.folders[{i}].path: {folder.path} is not a folder here; "
+                "create it (its documents are what the bot answers rules questions from) or "
+                "fix the path"
+            )
     return True, "\n".join(notes)

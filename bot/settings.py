@@ -20,6 +20,7 @@ from channels.wechat.config import WechatSettings
 from channels.wechat.kf_config import WecomKfSettings
 from channels.widget.config import WidgetSettings
 from config_section import ConfigSection
+from knowledge.config import KnowledgeSettings
 from orchestration.config import (
     SIMULATOR_PROVIDER,
     BudgetSettings,
@@ -31,6 +32,7 @@ from orchestration.config import (
     ToolSettings,
 )
 from orchestration.routing.config import RoutingSettings
+from orchestration.shop_knowledge import SEARCH_KNOWLEDGE
 
 DEFAULT_CONFIG_FILE = "swarmdesk.yaml"
 CONFIG_ENV = "SWARMDESK_CONFIG"
@@ -220,6 +222,7 @@ class Settings(BaseSettings):
     demo: DemoSettings = Field(default_factory=DemoSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -242,9 +245,14 @@ class Settings(BaseSettings):
         if SIMULATOR_PROVIDER in names:
             raise ValueError(f"providers: the name '{SIMULATOR_PROVIDER}' is reserved")
         tool_names = {t.name for t in self.tools}
+        if SEARCH_KNOWLEDGE in tool_names:
+            raise ValueError(
+                f"tools: '{SEARCH_KNOWLEDGE}' is built in (the shop's documents); give the "
+                "HTTP tool another name"
+            )
         for i, sp in enumerate(self.specialists):
             for tool in sp.tools:
-                if tool not in tool_names:
+                if tool not in tool_names and tool != SEARCH_KNOWLEDGE:
                     raise ValueError(
                         f"specialists[{i}] ({sp.name}): tool '{tool}' is not defined in "
                         f"'tools' (defined: {', '.join(sorted(tool_names)) or 'none'})"
@@ -259,6 +267,12 @@ class Settings(BaseSettings):
         spec_names = [sp.name for sp in self.specialists]
         if len(set(spec_names)) != len(spec_names):
             raise ValueError("specialists: names must be unique")
+        embeddings = self.knowledge.embeddings
+        if embeddings is not None and embeddings.provider not in names:
+            raise ValueError(
+                f"knowledge.embeddings.provider: '{embeddings.provider}' is not in 'providers' "
+                f"(configured: {', '.join(names) or 'none'}); name one or remove the setting"
+            )
         known = {f"{p.name}/{m.name}" for p in self.providers for m in p.models}
         for tier, chain in self.tiers.items():
             if not chain:

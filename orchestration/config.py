@@ -118,6 +118,15 @@ class ReplySettings(ConfigSection):
         "Our team is offline right now. A colleague will reply here as soon as we are back."
     )
     away_notice_zh: str | None = "人工客服目前不在线，上班后会第一时间在这里回复您。"
+    no_knowledge_text: str = Field(
+        "I'd rather not guess on that one: let me check it with the team. If you'd like a "
+        'person to help you now, just reply "human".',
+        description="the answer to a question about the shop's rules or policies that none of "
+        "the shop's documents answers (the bot never invents a policy)",
+    )
+    no_knowledge_text_zh: str | None = (
+        "这个问题我需要先核实一下，不想给您不准确的答复。如需人工客服帮您处理，请回复“转人工”。"
+    )
     aggregation_attempt_seconds: float = Field(
         8.0, gt=0, description="a composing model slower than this gives way to the next"
     )

@@ -27,6 +27,9 @@ class ConversationInfo:
     # A draft for a person who owns the conversation: answer the question itself, even
     # where the shopper asked for a person (they have one now).
     drafting: bool = False
+    # The channel account the conversation came in on (a widget site, a bot, an official
+    # account): which collection of the shop's documents it reads.
+    account: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,28 @@ _HANGUL_RE = re.compile(r"[\uac00-\ud7af]")
 _VIET_RE = re.compile(r"[ăâđêôơưạảấầẩẫậắằẳẵặẹẻẽếềểễệỉịọỏốồổỗộớờởỡợụủứừửữựỳỵỷỹ]", re.IGNORECASE)
 
 
+# Vietnamese typed without diacritics ("phi ship ve Ha Noi bao nhieu"), as many shoppers
+# write it: common syllables that are not English words.
+VI_BARE_SYLLABLES = frozenset(
+    """co khong duoc bao nhieu lau nao toi ban cua voi thi sao lam roi chua ve het tien
+    ngay hang tra doi giao mat bi nhe mua dau minh nhan gui phi mien khi neu hoa don bang
+    thanh toan phieu giam gia hanh tai nghe dien thoai vay""".split()
+)
+_ASCII_WORD_RE = re.compile(r"[a-z]+")
+
+
+def bare_vietnamese(
+    words: list[str],
+    syllables: frozenset[str] = VI_BARE_SYLLABLES,
+    ignore: frozenset[str] = frozenset(),
+) -> bool:
+    """Whether lower-case `words` read as Vietnamese without its diacritics: two or more
+    common `syllables` making at least 40% of the words (`ignore`: words that never count,
+    such as English stopwords)."""
+    hits = sum(w in syllables and w not in ignore for w in words)
+    return hits >= 2 and hits * 10 >= len(words) * 4
+
+
 def language(text: str) -> str:
     """A rough language tag of the raw text: ja, zh, ko, vi or en (for FAQ answers)."""
     if _KANA_RE.search(text):
@@ -30,7 +52,7 @@ def language(text: str) -> str:
         return "zh"
     if _HANGUL_RE.search(text):
         return "ko"
-    if _VIET_RE.search(text):
+    if _VIET_RE.search(text) or bare_vietnamese(_ASCII_WORD_RE.findall(text.lower())):
         return "vi"
     return "en"
 

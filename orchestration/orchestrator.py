@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from knowledge.base import KnowledgeSearch, Passage
 from orchestration.budgets import Budgets, BudgetState
 from orchestration.config import BudgetSettings, ReplySettings, SpecialistSettings
 from orchestration.events import (
@@ -38,6 +39,12 @@ from orchestration.language import pick
 from orchestration.llm.types import ChatMessage
 from orchestration.routing import LlmClassify, Router, RoutingDecision
 from orchestration.runner import CallSpec, ModelRunner
+from orchestration.shop_knowledge import (
+    SEARCH_KNOWLEDGE,
+    TurnKnowledge,
+    merge_found,
+    question_parts,
+)
 from orchestration.specialists import Specialist, SpecialistResult, TurnInput
 from orchestration.tools import ToolRunner
 
@@ -52,6 +59,11 @@ AGGREGATE_PROMPT = (
 )
 
 _Emit = Callable[[ReplyEvent], None]
+# Passages a multi-part message's specialists read at most (its parts searched one by one).
+MAX_MERGED = 6
+# The longest wait for the shop's documents before the specialists start without them (a
+# search takes milliseconds; only a first index build of a large collection takes longer).
+KNOWLEDGE_WAIT_SECONDS = 3.0
 # Order numbers a human agent will want on the handoff card.
 _ORDER_ID = re.compile(r"\b(?:ORD|SO|TB|JD)-?\d{4,}\b", re.IGNORECASE)
 
@@ -66,8 +78,10 @@ class Orchestrator:
         reply: ReplySettings,
         budgets: BudgetSettings,
         classifier: LlmClassify | None = None,
+        knowledge: KnowledgeSearch | None = None,
     ) -> None:
         self.runner = runner
+        self.knowledge = knowledge  # the shop's documents (None: answers without them)
         self.router = router
         self.tools = tools
         self.settings = reply
@@ -183,9 +197,7 @@ class Orchestrator:
             return
 
         chosen = self._select(decision, drafting=conv.drafting)
-        asks_for_person = "human" in decision.intents or any(
-            s.settings.escalates for s in chosen
-        )
+        asks_for_person = "human" in decision.intents or any(s.settings.escalates for s in chosen)
         if not conv.drafting and asks_for_person:
             # A person is asked for: the shopper is told so, in their language, with no
             # model answer standing in for the person. (Upset shoppers who did not ask get
@@ -199,12 +211,14 @@ class Orchestrator:
                 )
             )
             return
+        knowledge = await self._knowledge(conv, chosen, message.text)
         turn = TurnInput(
             message.text,
             history,
             decision.intents,
             conv.shop_user_id,
             force_tier="cheap" if budget is BudgetState.DEGRADE else None,
+            knowledge=knowledge,
         )
         routing["specialists"] = [s.name for s in chosen]
 
@@ -217,6 +231,8 @@ class Orchestrator:
         else:
             results = await self._joined(chosen, turn, tier, deadline, out)
 
+        if knowledge is not None:
+            routing["knowledge"] = _cite(knowledge, out, message.text)
         degraded = not any(r.ok for r in results)
         escalate: Escalate | None = None
         why = None
@@ -263,6 +279,45 @@ class Orchestrator:
         )
         if escalate is not None:
             emit(escalate)
+
+    async def _knowledge(
+        self, conv: ConversationInfo, chosen: Sequence[Specialist], question: str
+    ) -> TurnKnowledge | None:
+        """The turn's view of the shop's documents, searched once for the message when one of
+        its specialists reads them; the collection follows the conversation's channel and
+        account (a site's or a brand's own rules)."""
+        if self.knowledge is None or not any(
+            SEARCH_KNOWLEDGE in sp.settings.tools for sp in chosen
+        ):
+            return None
+        knowledge = self.knowledge
+        collection = knowledge.collection_for(conv.channel, conv.account)
+
+        async def search() -> list[Passage]:
+            found = await knowledge.search(question, collection=collection)
+            if len(chosen) > 1:
+                # Several questions in one message: each part is searched too, so each
+                # specialist finds what answers its own part.
+                parts = question_parts(question)
+                each = [await knowledge.search(p, collection=collection) for p in parts]
+                found = merge_found([found, *each], limit=max(len(found), MAX_MERGED))
+            return found
+
+        found: list[Passage] = []
+        try:
+            found = await asyncio.wait_for(search(), KNOWLEDGE_WAIT_SECONDS)
+        except TimeoutError:
+            log.warning("knowledge_search_slow", collection=collection)
+        except Exception:
+            # Answered as if nothing were found: "I'll check", never a guessed policy.
+            log.exception("knowledge_search_failed", collection=collection)
+        s = self.settings
+        return TurnKnowledge(
+            self.knowledge,
+            collection,
+            pick(question, s.no_knowledge_text, s.no_knowledge_text_zh),
+            found,
+        )
 
     def _select(self, decision: RoutingDecision, drafting: bool = False) -> list[Specialist]:
         chosen: list[Specialist] = []
@@ -503,6 +558,20 @@ class _Answer:
         """For ModelRunner.call: a failed attempt's text stays (and is continued) only if
         the shopper may have seen it."""
         return not self.withdraw()
+
+
+def _cite(knowledge: TurnKnowledge, out: _Answer, question: str) -> dict[str, Any]:
+    """Append the source line when the answer cites passages it was given (a delta of its
+    own, so every channel shows it); what was found and cited, for the routing record."""
+    line = knowledge.source_line(out.text, question) if out.shown else None
+    if line is not None:
+        out.add("\n" + line)
+    cited = knowledge.sources.cited(out.text) if line is not None else []
+    return {
+        "collection": knowledge.collection,
+        "found": [p.chunk_id for p in knowledge.found],
+        "cited": [{"n": n, "chunk_id": p.chunk_id, "source": p.source} for n, p in cited],
+    }
 
 
 def _same(a: str, b: str) -> bool:

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -14,8 +15,9 @@ from orchestration.config import SpecialistSettings
 from orchestration.events import CallRecord, Turn
 from orchestration.language import pick
 from orchestration.llm.tokens import trim_history
-from orchestration.llm.types import ChatMessage
+from orchestration.llm.types import ChatMessage, ToolCall
 from orchestration.runner import CallSpec, ModelRunner
+from orchestration.shop_knowledge import SEARCH_KNOWLEDGE, TOOL_DEFINITION, TurnKnowledge
 from orchestration.tools import ToolRunner
 
 log = structlog.get_logger(__name__)
@@ -47,6 +49,9 @@ class TurnInput:
     intents: Sequence[str]
     shop_user_id: str | None  # the verified shopper (None: anonymous)
     force_tier: str | None = None  # budgets: overrides every specialist's own tier
+    # The shop's documents for this turn (None: no knowledge base, or no specialist of the
+    # turn searches it).
+    knowledge: TurnKnowledge | None = None
 
 
 class Specialist:
@@ -78,8 +83,31 @@ class Specialist:
             elapsed_s=elapsed,
         )
 
+    def knowledge(self, turn: TurnInput) -> TurnKnowledge | None:
+        """The turn's documents, if this specialist reads them (`search_knowledge`)."""
+        return turn.knowledge if SEARCH_KNOWLEDGE in self.settings.tools else None
+
+    def _tool_definitions(self, turn: TurnInput) -> list[dict[str, Any]]:
+        defs = self.tools.definitions([t for t in self.settings.tools if t != SEARCH_KNOWLEDGE])
+        if self.knowledge(turn) is not None:
+            defs.append(TOOL_DEFINITION)
+        return defs
+
+    async def _call_tool(self, turn: TurnInput, call: ToolCall, timeout_s: float) -> str:
+        knowledge = self.knowledge(turn)
+        if call.name == SEARCH_KNOWLEDGE and knowledge is not None:
+            # Built in: searched here, in the turn's own collection.
+            return await knowledge.call(call.arguments)
+        return await self.tools.call(
+            call.name, call.arguments, timeout_s=timeout_s, shop_user_id=turn.shop_user_id
+        )
+
     def _prompt(self, turn: TurnInput) -> list[ChatMessage]:
         system = self.settings.system_prompt
+        knowledge = self.knowledge(turn)
+        if knowledge is not None:
+            # Found before the first model call: the usual question needs no tool round.
+            system += "\n\n" + knowledge.prompt_block()
         mine = [i for i in turn.intents if i in self.settings.intents]
         if len(mine) < len(turn.intents):
             # Colleagues answer the message's other parts: saying one part twice (or
@@ -110,7 +138,7 @@ class Specialist:
         started = time.monotonic()
         tier = turn.force_tier or self.settings.tier or tier
         messages = self._prompt(turn)
-        tool_defs = self.tools.definitions(self.settings.tools)
+        tool_defs = self._tool_definitions(turn)
         used: list[str] = []
         shown = ""  # every delta of every round, in order: what the shopper may have seen
         try:
@@ -182,15 +210,7 @@ class Specialist:
                     min(deadline, started + self.settings.timeout_seconds) - time.monotonic()
                 )
                 outputs = await asyncio.gather(
-                    *(
-                        self.tools.call(
-                            c.name,
-                            c.arguments,
-                            timeout_s=max(remaining, 0.1),
-                            shop_user_id=turn.shop_user_id,
-                        )
-                        for c in calls
-                    )
+                    *(self._call_tool(turn, c, max(remaining, 0.1)) for c in calls)
                 )
                 for c, out in zip(calls, outputs, strict=True):
                     used.append(c.name)

@@ -17,6 +17,7 @@ from orchestration.llm.types import ChatMessage
 from simulator import modes
 from simulator.continuation import remainder, split_continuation
 from simulator.faults import parse_directives
+from simulator.knowledge_answers import read_documents
 from simulator.parts import own_part, policy_answer
 from simulator.responses import (
     openai_error,
@@ -123,7 +124,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         reply_number = next(state.ids)
         # Tool calls, an answer from tool results or JSON; else the canned reply.
-        policy = policy_answer(question, part_intents) if messages[-1].role == "user" else None
+        # (with the shop's documents in the prompt, they say what the policy is)
+        policy = (
+            policy_answer(question, part_intents)
+            if messages[-1].role == "user" and not read_documents(body["messages"]).present
+            else None
+        )
         special = (
             modes.Reply(tokens=text_tokens(policy))
             if policy is not None

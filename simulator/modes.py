@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestration.llm.tokens import estimate_tokens
+from orchestration.shop_knowledge import SEARCH_KNOWLEDGE
 from simulator.classify import classify
+from simulator.knowledge_answers import knowledge_reply
 from simulator.text import text_tokens
 from simulator.tool_answers import answer_from_results, ask_for
 from simulator.tool_choice import PlannedCall, choose, tool_function
@@ -124,6 +126,16 @@ def special_reply(body: dict[str, Any], question: str, call_prefix: str) -> Repl
     composed = _compose_findings(question)
     if composed:
         return Reply(tokens=text_tokens(composed))
+    tools = body.get("tools")
+    functions = [
+        fn for fn in map(tool_function, tools if isinstance(tools, list) else []) if fn is not None
+    ]
+    # The shop's documents answer questions about its rules (simulator.knowledge_answers).
+    known = knowledge_reply(body, question, functions)
+    if isinstance(known, str):
+        return Reply(tokens=text_tokens(known))
+    if known is not None:
+        return Reply(calls=(_sim_call(f"{call_prefix}_0", known),))
     results: list[str] = []
     for message in reversed(messages):
         if message.get("role") != "tool":
@@ -133,14 +145,13 @@ def special_reply(body: dict[str, Any], question: str, call_prefix: str) -> Repl
         results.reverse()
         return Reply(tokens=text_tokens(answer_from_results(results, question)))
 
-    tools = body.get("tools")
-    if not isinstance(tools, list) or not tools or not messages:
+    if not functions or not messages:
         return None
     if messages[-1].get("role") != "user":
         return None
-    functions = [fn for fn in map(tool_function, tools) if fn is not None]
     decision = choose(
-        functions,
+        # (the documents are searched by the rule above, never as a lookup tool)
+        [fn for fn in functions if fn.get("name") != SEARCH_KNOWLEDGE],
         question,
         tool_choice=body.get("tool_choice"),
         parallel=body.get("parallel_tool_calls") is not False,

@@ -14,7 +14,7 @@ import re
 from orchestration.language import mostly_chinese
 from simulator.classify import ORDER_ID_RE, classify
 
-_PART_RE = re.compile(r"only the part about:\s*([a-z_]+(?:\s*,\s*[a-z_]+)*)", re.IGNORECASE)
+PART_RE = re.compile(r"only the part about:\s*([a-z_]+(?:\s*,\s*[a-z_]+)*)", re.IGNORECASE)
 # Where one question of a message ends and the next begins.
 _SPLIT_RE = re.compile(
     r"(?<=[?？!！。；;])|还有[，,]?|另外[，,]?|(?<![a-z])(?:and )?also,?(?![a-z])", re.IGNORECASE
@@ -35,14 +35,19 @@ RETURNS_POLICY_ZH = (
 def own_part(system_prompt: str, question: str) -> tuple[str, set[str]]:
     """(the part of `question` the system prompt asks for, its intents); the whole question
     and no intents when the prompt names no part."""
-    m = _PART_RE.search(system_prompt)
+    m = PART_RE.search(system_prompt)
     if m is None:
         return question, set()
     wanted = {w.strip().lower() for w in m.group(1).split(",")}
     for w in list(wanted):
         wanted |= _RELATED.get(w, set())
     clauses = [c.strip(" ，,") for c in _SPLIT_RE.split(question) if c and c.strip(" ，,")]
-    mine = [c for c in clauses if set(classify(c)["intents"]) & wanted]
+    intents = [classify(c)["intents"] for c in clauses]
+    # A clause is first of all about its first intent ("can I return it if it doesn't fit"
+    # is a returns question that mentions the product).
+    mine = [c for c, i in zip(clauses, intents, strict=True) if i and i[0] in wanted]
+    if not mine:
+        mine = [c for c, i in zip(clauses, intents, strict=True) if set(i) & wanted]
     if not mine:
         return question, wanted
     return ("" if mostly_chinese(question) else " ").join(mine), wanted

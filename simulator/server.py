@@ -23,6 +23,7 @@ from aiohttp import web
 from simulator import control
 from simulator.completions import chat_completions
 from simulator.config import FAULTS, SimulatorConfig, SimulatorStats
+from simulator.embeddings import embeddings
 from simulator.faults import Fault
 from simulator.state import STATE, SimState
 
@@ -53,6 +54,7 @@ def build_simulator_app(config: SimulatorConfig) -> web.Application:
     app = web.Application()
     app[STATE] = SimState(config)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/healthz", _healthz)
     app.router.add_post("/_sim/faults", control.queue_faults)

@@ -233,11 +233,12 @@ def ask_satisfaction(conn: Connection, conversation_id: int) -> str:
 
 def draft_context(
     conn: Connection, conversation_id: int, limit: int
-) -> tuple[str, str | None, dict[str, Any] | None, list[HistoryRow]] | None:
+) -> tuple[str, str | None, dict[str, Any] | None, list[HistoryRow], str] | None:
     """What the bot needs to draft a reply for a person: (channel, sticky tier, the
-    contact's attributes, the last `limit` complete messages, oldest first)."""
+    contact's attributes, the last `limit` complete messages, oldest first, the channel
+    account)."""
     conv = conn.execute(
-        select(C.channel, C.tier, K.attributes)
+        select(C.channel, C.tier, K.attributes, C.account)
         .join_from(CONVERSATIONS, CONTACTS, K.id == C.contact_id)
         .where(C.id == conversation_id)
     ).first()
@@ -252,8 +253,8 @@ def draft_context(
         .order_by(M.seq.desc())
         .limit(limit)
     ).all()
-    channel, tier, attributes = conv
-    return channel, tier, attributes, [HistoryRow._make(r) for r in reversed(rows)]
+    channel, tier, attributes, account = conv
+    return channel, tier, attributes, [HistoryRow._make(r) for r in reversed(rows)], account
 
 
 def waiting_for_first_reply(conn: Connection, conversation_id: int) -> datetime | None:

@@ -286,3 +286,59 @@ class RoutingExample(Base):
     source: Mapped[str] = mapped_column(String(16))  # "takeover" | "label"
     agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class KbDocument(Base):
+    """A shop document in the knowledge base (knowledge/): one per (collection, source).
+    Re-adding a changed file replaces its chunks and bumps `version`."""
+
+    __tablename__ = "kb_documents"
+    __table_args__ = (UniqueConstraint("collection", "source"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    collection: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(1024))  # the absolute path it was read from
+    title: Mapped[str] = mapped_column(String(512))
+    url: Mapped[str | None] = mapped_column(String(2048))
+    kind: Mapped[str] = mapped_column(String(16))  # markdown | text | html | pdf | catalogue
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class KbChunk(Base):
+    """A passage of a document: what one search hit returns. `terms` are its index terms
+    (knowledge/tokenize.py), stored so a rebuild of the index needn't tokenise again."""
+
+    __tablename__ = "kb_chunks"
+    __table_args__ = (Index("ix_kb_chunks_collection", "collection"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    document_id: Mapped[int] = mapped_column(
+        ForeignKey("kb_documents.id", ondelete="CASCADE"), index=True
+    )
+    collection: Mapped[str] = mapped_column(String(64))
+    ordinal: Mapped[int] = mapped_column(Integer)
+    heading: Mapped[str] = mapped_column(Text, default="")
+    text: Mapped[str] = mapped_column(Text)
+    title: Mapped[str | None] = mapped_column(String(512))  # a catalogue product's own name
+    url: Mapped[str | None] = mapped_column(String(2048))  # and its own page
+    terms: Mapped[str] = mapped_column(Text, default="")  # space-separated
+    # knowledge.tokenize.VERSION that cut `terms` (an older one's are cut again on load).
+    tokenizer: Mapped[str] = mapped_column(String(16), default="")
+    version: Mapped[int] = mapped_column(Integer)
+    # None is SQL NULL (not JSON null), so `embedding IS NULL` finds the chunks to embed.
+    embedding: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True))
+
+
+class KbGeneration(Base):
+    """A counter per collection, bumped in the transaction of every change to it: each
+    process rebuilds its in-memory index when the number moves."""
+
+    __tablename__ = "kb_generations"
+
+    collection: Mapped[str] = mapped_column(String(64), primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

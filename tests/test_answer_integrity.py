@@ -26,6 +26,7 @@ from tests.test_model_failures import ask, queue_fault
 from tests.test_wechat_oa import Wx, open_wx, openid
 
 EN = "hello, any news? [[sim:tokens=60]] [[sim:tps=80]]"
+SOURCE_LABELS = ("Source: ", "Sources: ", "来源：", "出典：", "Nguồn: ")
 ZH = "你好，有什么新消息吗？ [[sim:tokens=60]] [[sim:tps=80]]"
 
 # Fault sequences, one per model attempt in order; "slow" only matters with hedging.
@@ -77,8 +78,16 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?。！？])\s*", text) if s.strip()]
 
 
+def without_source(text: str) -> str:
+    """The answer without the line naming the shop documents it cites (its links are Latin
+    letters in any language)."""
+    head, _, last = text.rpartition("\n")
+    return head if head and last.startswith(SOURCE_LABELS) else text
+
+
 def assert_coherent(text: str, clean: str, question: str) -> None:
     """One answer: no sentence twice, one language, no longer than one clean answer."""
+    text, clean = without_source(text), without_source(clean)
     said = sentences(text)
     assert len(said) == len(set(said)), f"a sentence repeated: {text!r}"
     if HAN_RE.search(question):
@@ -252,7 +261,8 @@ async def test_each_part_of_a_two_part_question_is_answered_once(
     parts = text.split("\n\n")
     assert len(parts) == 2 and parts[0] != parts[1], text
     # (the part written first streams first: the order of the parts may vary)
-    returns = "无理由退货" if lang == "zh" else "can be returned within 7 days"
+    # (the demo shop's policy, from its returns page or the simulator's own summary of it)
+    returns = "无理由退货" if lang == "zh" else "within 7 days of delivery"
     assert sum(returns in p for p in parts) == 1, text
     assert_coherent(text, text, question)
     async with svc.services.sessions() as s:

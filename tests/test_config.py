@@ -120,3 +120,25 @@ channels:
     code, report = run(capsys, "config", "check", str(f))
     assert code == 1
     assert "enabled, but secret_env, aes_key_env, token (or token_env) not set" in report
+
+
+def test_knowledge_mistakes_are_explained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "kb.yaml"
+    f.write_text(
+        "knowledge:\n"
+        "  folders: [{path: ./no-such-folder, collection: brand-b}]\n"
+        "  collections: [{name: brand-b, channels: [widget]}]\n"
+    )
+    code, report = run(capsys, "config", "check", str(f))
+    assert code == 1
+    assert "knowledge.collections[0].channels: 'widget': write channel:account" in report
+    f.write_text(
+        "knowledge:\n"
+        f"  folders: [{{path: {tmp_path / 'no-such-folder'}, collection: brand-b}}]\n"
+        "  collections: [{name: brand-b, channels: ['widget:brand-b']}]\n"
+    )
+    code, report = run(capsys, "config", "check", str(f))
+    assert code == 0, report
+    assert "knowledge.folders[0].path" in report and "is not a folder here" in report

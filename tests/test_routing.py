@@ -84,6 +84,12 @@ def test_faq_answers_in_the_shoppers_language(router: Router) -> None:
     assert route(router, "运费多少 包邮吗").intents == ("logistics",)
 
 
+def test_vietnamese_typed_without_diacritics_gets_the_vietnamese_answer(router: Router) -> None:
+    d = route(router, "phi ship bao nhieu, don bao nhieu thi duoc mien phi van chuyen")
+    assert d.stage == "faq" and d.faq_answer is not None
+    assert "miễn phí" in d.faq_answer.lower(), d.faq_answer
+
+
 def test_faq_is_not_used_for_an_angry_or_multi_part_message(router: Router) -> None:
     d = route(router, "发票在哪下载？？你们这什么垃圾系统 找了半小时 气死了")
     assert d.stage != "faq" and d.faq_answer is None

@@ -75,7 +75,7 @@ class TurnWorker:
         )
         if found is None:
             return None
-        channel, tier, attributes, rows = found
+        channel, tier, attributes, rows, account = found
         asked = [i for i, m in enumerate(rows) if m.direction == Direction.IN.value]
         if not asked:
             return None
@@ -86,6 +86,7 @@ class TurnWorker:
             tier,
             shop_user_id=verified_shop_user(attributes),
             drafting=True,
+            account=account,
         )
         final: Final | None = None
         history = [_turn(m) for m in rows[: asked[-1]]]
@@ -151,6 +152,7 @@ class TurnWorker:
             degraded_answers=sum(
                 1 for m in begun.history if m.sender == Sender.BOT.value and m.degraded
             ),
+            account=conv.account,
         )
         history = [_turn(m) for m in begun.history]
         question = Turn("user", begun.question.text)

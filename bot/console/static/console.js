@@ -185,6 +185,29 @@
     if (text != null) e.textContent = text;
     return e;
   }
+  // http(s) addresses in a message (the shop pages an answer cites) become links; the rest
+  // stays text nodes, so a message can never inject markup. Sentence punctuation after an
+  // address is not part of it.
+  var URL_RE = /https?:\/\/[^\s<>"'`\u3000-\u303f\uff08\uff09\uff0c\uff1b]+/g;
+  function linkify(parent, text) {
+    var at = 0;
+    text.replace(URL_RE, function (found, index) {
+      var url = found.replace(/[.,;:!?)\]}'"]+$/, '');
+      var safe = null;
+      try { safe = new URL(url); } catch (e) { safe = null; }
+      if (!safe || (safe.protocol !== 'http:' && safe.protocol !== 'https:')) return found;
+      if (index > at) parent.appendChild(document.createTextNode(text.slice(at, index)));
+      var a = el('a', 'link', url);
+      a.href = safe.href;
+      a.target = '_blank';
+      a.rel = 'noopener noreferrer';
+      parent.appendChild(a);
+      at = index + url.length;
+      return found;
+    });
+    if (at < text.length) parent.appendChild(document.createTextNode(text.slice(at)));
+    return parent;
+  }
   function store(k, v) {
     try {
       if (v === undefined) return window.localStorage.getItem('swarmdesk-console:' + k);
@@ -769,7 +792,7 @@
         meta.appendChild(el('span', 'state ' + m.status, t(STATUS_TEXT[m.status])));
       }
       li.appendChild(meta);
-      if (m.text) li.appendChild(el('div', 'text', m.text));
+      if (m.text) li.appendChild(linkify(el('div', 'text'), m.text));
       (m.attachments || []).forEach(function (a) {
         var url = typeof a === 'string' ? a : a && a.url;
         if (url && /^(https?:)?\//.test(url)) {

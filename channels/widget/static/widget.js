@@ -85,6 +85,29 @@
     if (text != null) e.textContent = text;
     return e;
   }
+  // http(s) addresses in a message (a cited shop page) become links; everything stays text
+  // nodes, so a message can never inject markup. Punctuation ending a sentence is not part
+  // of the address.
+  var URL_RE = /https?:\/\/[^\s<>"'`\u3000-\u303f\uff08\uff09\uff0c\uff1b]+/g;
+  function linkify(parent, text) {
+    var at = 0;
+    text.replace(URL_RE, function (found, index) {
+      var url = found.replace(/[.,;:!?)\]}'"]+$/, '');
+      var safe = null;
+      try { safe = new URL(url); } catch (e) { safe = null; }
+      if (!safe || (safe.protocol !== 'http:' && safe.protocol !== 'https:')) return found;
+      if (index > at) parent.appendChild(document.createTextNode(text.slice(at, index)));
+      var a = el('a', 'link', url);
+      a.href = safe.href;
+      a.target = '_blank';
+      a.rel = 'noopener noreferrer';
+      parent.appendChild(a);
+      at = index + url.length;
+      return found;
+    });
+    if (at < text.length) parent.appendChild(document.createTextNode(text.slice(at)));
+    return parent;
+  }
   var ICON = {
     chat: 'M4 5.5A2.5 2.5 0 0 1 6.5 3h11A2.5 2.5 0 0 1 20 5.5v8a2.5 2.5 0 0 1-2.5 2.5H10l-4.2 3.6c-.5.4-1.3.1-1.3-.6V16A2.5 2.5 0 0 1 4 13.5z',
     close: 'M6.4 5 5 6.4 10.6 12 5 17.6 6.4 19l5.6-5.6 5.6 5.6 1.4-1.4-5.6-5.6L19 6.4 17.6 5 12 10.6z',
@@ -245,7 +268,7 @@
       sender === 'system' ? 'system' : 'bot'));
     row.appendChild(el('span', mine ? 'who sr-only' : 'who', who(sender)));
     var b = el('div', 'bubble');
-    if (text) b.appendChild(el('p', 'text', text));
+    if (text) b.appendChild(linkify(el('p', 'text'), text));
     (attachments || []).forEach(function (a) {
       if (!a || !a.url) return;
       var img = el('img', 'image');
