@@ -178,6 +178,18 @@ class KnowledgeBase:
     def _search(
         self, index: CollectionIndex, query: str, k: int, vector: list[float] | None
     ) -> list[Passage]:
+        chinese = tokenize.in_chinese(query)
+        if chinese is not None:
+            # "退货要寄到哪个address": the Chinese page first; the words as written if it
+            # has nothing (a shop whose pages are all in English).
+            found = self._search_as(index, chinese, k, vector)
+            if found:
+                return found
+        return self._search_as(index, query, k, vector)
+
+    def _search_as(
+        self, index: CollectionIndex, query: str, k: int, vector: list[float] | None
+    ) -> list[Passage]:
         return index.search(
             tokenize.terms(query),
             k=k,

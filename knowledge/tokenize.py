@@ -79,6 +79,9 @@ _STOP_VI_BARE: frozenset[str] = frozenset()  # filled below, once strip_diacriti
 # Words jieba's own dictionary lacks or cuts apart ("发中通", "花/呗"), one a line.
 SHOP_WORDS_ZH = Path(__file__).with_name("shop_words.zh.txt")
 
+# English shop words in Chinese questions ("shipping fee怎么算的") and their Chinese words.
+GLOSSARY_EN_ZH = Path(__file__).with_name("glossary.en-zh.txt")
+
 _lock = threading.Lock()
 _jieba: Any = None
 _janome: Any = None
@@ -94,8 +97,8 @@ def _jieba_module() -> Any:
 
                 jieba.setLogLevel(logging.WARNING)  # it announces its cache on every start
                 jieba.initialize()
-                # Documents and questions are cut with the same words; a changed list needs
-                # `swarmdesk kb reindex` for documents indexed before.
+                # Documents and questions are cut with the same words: a changed list needs
+                # a new VERSION (stored passages are then cut again when loaded).
                 jieba.load_userdict(str(SHOP_WORDS_ZH))
                 _jieba = jieba
     return _jieba
@@ -268,6 +271,29 @@ def language(text: str) -> str:
     if marked * 5 >= len(words) or _bare_vietnamese(words):
         return "vi"
     return "en"
+
+
+@lru_cache(maxsize=1)
+def _glossary() -> tuple[re.Pattern[str], dict[str, str]]:
+    entries: dict[str, str] = {}
+    for line in GLOSSARY_EN_ZH.read_text("utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            english, _, chinese = line.partition("\t")
+            entries[english.strip().lower()] = chinese.strip()
+    phrases = sorted(entries, key=len, reverse=True)  # "free shipping" before "shipping"
+    alternatives = "|".join(re.escape(p) for p in phrases)
+    return re.compile(f"(?<![A-Za-z])({alternatives})(?![A-Za-z])", re.IGNORECASE), entries
+
+
+def in_chinese(query: str) -> str | None:
+    """A mostly Chinese question with its English shop words put in Chinese ("shipping
+    fee怎么算的" -> "运费怎么算的"), so the shop's Chinese page, not its English one, answers
+    it; None when the question is not mostly Chinese or has no such word."""
+    if language(query) != "zh":
+        return None
+    pattern, entries = _glossary()
+    out, count = pattern.subn(lambda m: f" {entries[m.group(1).lower()]} ", query)
+    return out if count else None
 
 
 def is_bigram(term: str) -> bool:
