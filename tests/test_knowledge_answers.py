@@ -223,6 +223,10 @@ async def test_the_search_knowledge_tool_searches_the_conversations_collection(
     assert nothing["passages"] == [] and "do not guess" in nothing["note"]
     bad = json.loads(await turn.call('{"q": 1}'))
     assert "query" in bad["error"]
+    # A model naming another collection still searches the conversation's own.
+    asked = {"query": "what is in the box of the Quokka Buds 2?", "collection": "other"}
+    forged = json.loads(await turn.call(json.dumps(asked)))
+    assert forged["passages"] == []
 
 
 async def test_order_questions_are_still_answered_from_the_order_tools(
