@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from datetime import datetime, time
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from jsonschema.exceptions import SchemaError
@@ -42,6 +42,12 @@ class ProviderSettings(ConfigSection):
         256, ge=1, description="open connections (= calls in flight) to this provider"
     )
     models: list[ModelSettings] = Field(min_length=1)
+    continuation: Literal["instruction", "prefix", "partial"] = Field(
+        "instruction",
+        description="how an answer cut mid-stream is continued: 'instruction' (any model: "
+        "its text so far plus 'continue'), or the provider's prefix mode: 'prefix' "
+        "(DeepSeek, base_url .../beta) or 'partial' (Kimi/Moonshot)",
+    )
 
     @field_validator("base_url")
     @classmethod

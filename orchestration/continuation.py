@@ -26,10 +26,14 @@ MIN_OVERLAP = 6
 
 
 def continuation_messages(
-    messages: Sequence[ChatMessage], visible: str, question: str
+    messages: Sequence[ChatMessage], visible: str, question: str, mode: str = "instruction"
 ) -> list[ChatMessage]:
     """The original request, the visible text as the model's own words, and the
-    instruction in the shopper's language (judged by the question, else the text)."""
+    instruction in the shopper's language (judged by the question, else the text). With a
+    provider's prefix mode (`mode` "prefix" or "partial") the visible text ends the request,
+    flagged, and the model writes on from it: no instruction, no restart to cut."""
+    if mode in ("prefix", "partial"):
+        return [*messages, ChatMessage("assistant", visible, continue_flag=mode)]
     basis = question or visible
     return [
         *messages,

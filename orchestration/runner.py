@@ -265,6 +265,13 @@ class ChainCall:
         if self._on_record is not None:
             self._on_record(rec)
 
+    def _stopped(self, attempt: _Attempt, outcome: str) -> None:
+        """An attempt stopped before it could succeed or fail (a lost hedge, the turn's end):
+        billed, and if it was the breaker's half-open probe, the probe is free again (else
+        the model would stay refused for good)."""
+        self._record(attempt, outcome)
+        self.runner.guards.get(attempt.entry.ref).breaker.release_probe()
+
     def _fail(self, attempt: _Attempt, err: LLMError) -> None:
         self._record(attempt, err.kind.value, str(err))
         guard = self.runner.guards.get(attempt.entry.ref)
@@ -273,10 +280,12 @@ class ChainCall:
         elif err.kind is not ErrorKind.BAD_REQUEST:
             guard.breaker.record(ok=False)
 
-    def _messages(self, sent: str) -> list[ChatMessage]:
+    def _messages(self, sent: str, entry: ModelEntry) -> list[ChatMessage]:
         if not sent:
             return list(self.spec.messages)
-        return continuation_messages(self.spec.messages, sent, last_question(self.spec.messages))
+        return continuation_messages(
+            self.spec.messages, sent, last_question(self.spec.messages), entry.continuation
+        )
 
     async def _admit(self, entry: ModelEntry) -> bool:
         guard = self.runner.guards.get(entry.ref, *_limits(entry))
@@ -329,7 +338,7 @@ class ChainCall:
     async def _first(self, index: int, sent: str) -> tuple[_Attempt, str | None, int]:
         entry = self._chain[index]
         attempt = _Attempt(
-            entry, self.tier, self.spec, self._messages(sent), self.runner.flush_seconds
+            entry, self.tier, self.spec, self._messages(sent, entry), self.runner.flush_seconds
         )
         hedge_after = self.runner.settings.hedge_after_seconds
         backup_index = self._next_available(index + 1)
@@ -364,7 +373,7 @@ class ChainCall:
             self._chain[backup_index],
             self.tier,
             self.spec,
-            self._messages(sent),
+            self._messages(sent, self._chain[backup_index]),
             self.runner.flush_seconds,
         )
         log.info("model_hedged", slow=entry.ref, backup=self._chain[backup_index].ref)
@@ -389,7 +398,7 @@ class ChainCall:
                             other_task.cancel()
                             await asyncio.gather(other_task, return_exceptions=True)
                             await other.cancel()
-                            self._record(other, "hedge_lost")
+                            self._stopped(other, "hedge_lost")
                         pending.clear()
                         # The chain continues after the later of the two models.
                         return attempt, t.result(), max(a_index, b_index)
@@ -403,7 +412,7 @@ class ChainCall:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 await attempt.cancel()
-                self._record(attempt, "cancelled")
+                self._stopped(attempt, "cancelled")
         raise errors[-1]
 
     def _next_available(self, start: int) -> int | None:
@@ -452,7 +461,7 @@ class ChainCall:
                 except BaseException:
                     # The consumer stopped (cancelled, closed): bill what ran.
                     await attempt.cancel()
-                    self._record(attempt, "cancelled")
+                    self._stopped(attempt, "cancelled")
                     raise
                 self._record(attempt, "ok")
                 self.runner.guards.get(attempt.entry.ref).breaker.record(ok=True)

@@ -79,6 +79,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # A request to continue a cut reply is answered from the original request.
     visible = ""
     continued = split_continuation(body["messages"])
+    prefixed = continued is not None and body["messages"][-1].get("role") == "assistant"
     if continued is not None:
         body = {**body, "messages": continued[0]}
         messages, visible = messages[: len(continued[0])], continued[1]
@@ -86,6 +87,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     stats = state.stats
     stats.requests += 1
     stats.continuations += continued is not None
+    stats.prefix_continuations += prefixed
     last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
     directives, question = parse_directives(last_user)
     # A specialist of a multi-part message answers its own part (simulator.parts).

@@ -42,6 +42,7 @@ class SimulatorStats:
     active: int = 0  # requests being served right now
     peak_active: int = 0  # most requests served at once (shows calls ran in parallel)
     continuations: int = 0  # requests to continue a cut reply (simulator.continuation)
+    prefix_continuations: int = 0  # ...of them in a provider's prefix mode (prefix/partial)
     faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULTS, 0))
 
     def reset(self) -> None:

@@ -319,3 +319,24 @@ async def test_a_turn_that_runs_out_of_time_is_answered_with_the_handoff_text(
         assert [e.reason for e in events] == ["deadline"]
     finally:
         await svc.stop()
+
+
+@pytest.mark.parametrize("mode", ["prefix", "partial"])
+async def test_a_provider_with_a_prefix_mode_continues_from_the_seen_text(
+    sqlite_url: str, settings_factory: Callable[..., Settings], simulator: Simulator, mode: str
+) -> None:
+    """DeepSeek's `prefix` and Kimi's `partial`: the cut text ends the request, flagged, and
+    the model writes on from it; the shopper gets one answer."""
+    settings = settings_factory(sqlite_url, resilience=resilience(False))
+    settings.providers[0].continuation = mode  # type: ignore[assignment]
+    svc = await start_service(settings)
+    try:
+        _, _, _, clean = await asyncio.wait_for(ask(svc, EN), 30)
+        before = simulator.stats.prefix_continuations
+        await queue_fault(simulator, "cut")
+        _, _, deltas, final = await asyncio.wait_for(ask(svc, EN), 60)
+        assert simulator.stats.prefix_continuations == before + 1
+        assert "".join(deltas) == final["text"] == clean["text"]
+        assert_coherent(final["text"], clean["text"], EN)
+    finally:
+        await svc.stop()

@@ -22,6 +22,9 @@ class ModelEntry:
     max_tokens: int | None = None
     rpm: int | None = None  # provider limits, enforced by orchestration.resilience
     tpm: int | None = None
+    # How a cut answer is continued: "instruction" (any model), or the provider's own
+    # prefix mode, "prefix" (DeepSeek) / "partial" (Kimi).
+    continuation: str = "instruction"
 
     @property
     def ref(self) -> str:
@@ -51,7 +54,16 @@ class ModelRegistry:
             for m in p.models:
                 price = ModelPrice(m.input_price_per_mtok, m.output_price_per_mtok)
                 entries.append(
-                    ModelEntry(p.name, m.name, client, price, m.max_tokens, m.rpm, m.tpm)
+                    ModelEntry(
+                        p.name,
+                        m.name,
+                        client,
+                        price,
+                        m.max_tokens,
+                        m.rpm,
+                        m.tpm,
+                        p.continuation,
+                    )
                 )
         return cls(entries, tiers)
 

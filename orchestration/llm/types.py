@@ -75,12 +75,22 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     name: str | None = None
+    # The provider's continuation flag on a final assistant message ("prefix": DeepSeek,
+    # "partial": Kimi): the model writes on from exactly this text.
+    continue_flag: str | None = None
 
     def to_openai(self) -> dict[str, Any]:
         """The message in OpenAI's chat format."""
-        if not self.tool_calls and self.tool_call_id is None and self.name is None:
+        if (
+            not self.tool_calls
+            and self.tool_call_id is None
+            and self.name is None
+            and self.continue_flag is None
+        ):
             return {"role": self.role, "content": self.content}
         out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.continue_flag is not None:
+            out[self.continue_flag] = True
         if self.tool_calls:
             out["content"] = self.content or None  # OpenAI's shape for a pure tool call
             out["tool_calls"] = [c.to_openai() for c in self.tool_calls]

@@ -188,6 +188,7 @@ class Router:
         if intents[0] != primary:
             confidence = dict(trace.fused).get(intents[0], confidence)
             primary = intents[0]
+        confidence = max(confidence, self._clauses_sure(trace, intents))
         sentiment = self._sentiment(trace, intents)
         escalate, esc_reasons = self._escalation(trace, intents)
         complexity, cx_reasons = self._complexity(trace, intents)
@@ -248,6 +249,21 @@ class Router:
             rest.insert(0, primary)
             primary = "human"
         return (primary, *rest)[:_MAX_INTENTS]
+
+    @staticmethod
+    def _clauses_sure(trace: RoutingTrace, intents: tuple[str, ...]) -> float:
+        """How sure the clauses are of a multi-part message's tasks: each part said clearly
+        in its own clause ("where is my order? also, can I return it?") is as sure as its
+        least sure part, though the whole message splits its probability between them —
+        no paid classification (1–2 s before anything is shown) for a plain two-part
+        question. 0 for a message of one part."""
+        best: dict[str, float] = {}
+        for _part, label, p, _ruled in trace.clauses:
+            best[label] = max(best.get(label, 0.0), p)
+        tasks = [i for i in intents if i in _TASKS and i in best]
+        if len(tasks) < 2 or tasks[0] != intents[0]:
+            return 0.0
+        return min(best[t] for t in tasks)
 
     def _upset(self, trace: RoutingTrace) -> bool:
         s = trace.signals
