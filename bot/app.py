@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -21,19 +23,26 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from bot import demo_shop, metrics, safety
 from bot.console.api import AgentApi
 from bot.console.assets import register_console_assets
+from bot.console.auth import SharedSignInLimits
 from bot.console.webhooks import Webhooks, missing_secrets
 from bot.demo_shop import build_demo_shop_app
+from bot.distributed.bus import RedisHub, mirror_taken
+from bot.distributed.locks import RedisLocks
+from bot.distributed.queue import RedisQueue
 from bot.hub import Hub
+from bot.locks import LockStore
 from bot.models import open_models
 from bot.pipeline import Pipeline
 from bot.pipeline.host import Host
 from bot.settings import ConfigError, Settings
-from bot.workqueue import InProcessQueue
+from bot.workqueue import InProcessQueue, WorkQueue
 from channels import api, telegram, wechat, widget
 from channels.base import Channel
 from channels.http import ApiError, error_response, json_errors
+from cluster.redis import RedisParts
 from knowledge.base import DEFAULT_COLLECTION
 from knowledge.service import KnowledgeBase
+from orchestration.budgets import SharedBudgets
 from orchestration.llm.registry import ModelRegistry
 from orchestration.orchestrator import Orchestrator
 from orchestration.resilience import Guards
@@ -73,13 +82,18 @@ SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
 
 
 def build_orchestrator(
-    settings: Settings, models: ModelRegistry, tools: ToolRunner, knowledge: KnowledgeBase
+    settings: Settings,
+    models: ModelRegistry,
+    tools: ToolRunner,
+    knowledge: KnowledgeBase,
+    cluster: RedisParts | None = None,
 ) -> Orchestrator:
-    """The team that answers shoppers, as configured (the service and `eval-knowledge`)."""
-    return Orchestrator(
+    """The team that answers shoppers, as configured (the service and `eval-knowledge`).
+    With `cluster`, breakers, limits, cool-downs and budgets are shared by the processes."""
+    orchestrator = Orchestrator(
         ModelRunner(
             models,
-            Guards(settings.resilience),
+            Guards(settings.resilience, shared=cluster),
             settings.resilience,
             flush_seconds=settings.reply.stream_flush_ms / 1000,
         ),
@@ -91,6 +105,11 @@ def build_orchestrator(
         classifier=registry_classifier(models),
         knowledge=knowledge,
     )
+    if cluster is not None:
+        orchestrator.budgets = SharedBudgets(settings.budgets, cluster)
+    return orchestrator
+
+
 # The demo shop's policies and product pages (watched while the demo shop is on).
 DEMO_KNOWLEDGE = Path(demo_shop.__file__).parent / "knowledge"
 SETTINGS = web.AppKey("settings", Settings)
@@ -128,6 +147,17 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     if settings.database.migrate_on_start:
         await db.upgrade(engine)
+    # The distributed mode's Redis connections (queue.backend: redis); None when embedded.
+    cluster = (
+        RedisParts.connect(
+            settings.redis_url("queue"),
+            settings.redis_url("bus"),
+            settings.redis_url("state"),
+            settings.queue.key_prefix,
+        )
+        if settings.distributed
+        else None
+    )
     model_scope = AsyncExitStack()
     models = await model_scope.enter_async_context(open_models(settings))
     channels: dict[str, Channel] = app[CHANNELS]
@@ -139,26 +169,51 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     # Watched folders are indexed before the first message is taken: an early question
     # must not get "I'll check" for a policy its documents state.
     await knowledge.start()
-    orchestrator = build_orchestrator(settings, models, tools, knowledge)
+    orchestrator = build_orchestrator(settings, models, tools, knowledge, cluster)
     # Today's spend from the ledger, so a restart doesn't reset the day's budget.
     today = datetime.now(UTC).date()
     start = datetime(today.year, today.month, today.day, tzinfo=UTC)
     orchestrator.budgets.seed(today, await database.read(partial(spent_since, since=start)))
-    queue = InProcessQueue(settings.worker.max_concurrent_conversations)
+    orchestrator.budgets.start()
+    queue: WorkQueue
+    chat_locks: LockStore | None = None
+    if cluster is None:
+        queue = InProcessQueue(settings.worker.max_concurrent_conversations)
+    else:
+        queue = RedisQueue(
+            cluster,
+            database,
+            partitions=settings.queue.partitions,
+            lease_seconds=settings.queue.lease_seconds,
+            sweep_seconds=settings.queue.sweep_seconds,
+            max_concurrent=settings.worker.max_concurrent_conversations,
+        )
+        chat_locks = RedisLocks(cluster)
+    # The live events: every process's reach the clients of every process (redis).
+    hub = Hub() if cluster is None else RedisHub(cluster)
     pipeline = Pipeline.build(
         database,
-        Hub(),
+        hub,
         queue,
         orchestrator,
         channels,
         settings.reply,
+        chat_locks=chat_locks,
         summarise=registry_summariser(models),
     )
+    if isinstance(hub, RedisHub):
+        # A person's move on another process stops this one's bot at once, too.
+        hub.on_owner_change(mirror_taken(pipeline.parts.taken))
+        await hub.start()
     pipeline.start()
     for ch in channels.values():
+        if cluster is not None:
+            ch.share(cluster)
         ch.register(app, pipeline.host)
         await ch.start()
     agent_api = AgentApi(pipeline, settings.console)
+    if cluster is not None:
+        agent_api.auth.limits = SharedSignInLimits(cluster)
     agent_api.register(app)
     gauges = asyncio.create_task(agent_api.watch_gauges())
     if missing := missing_secrets(settings.console.webhooks):
@@ -208,8 +263,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await tools.aclose()
     await knowledge.aclose()
     await model_scope.aclose()
+    await orchestrator.budgets.aclose()
+    await orchestrator.runner.guards.aclose()
     await pipeline.close()
     await engine.dispose()
+    if isinstance(hub, RedisHub):
+        await hub.aclose()  # after the answers drained: their last events go out
+    if cluster is not None:
+        await cluster.aclose()
 
 
 async def _close_streams(app: web.Application) -> None:
@@ -242,6 +303,8 @@ async def readyz(request: web.Request) -> web.Response:
             "status": "ready",
             "migration": sorted(current),
             "providers": _providers(services.settings),
+            # Which process answered: with `serve --workers N` the port is shared.
+            "process": f"{socket.gethostname()}:{os.getpid()}",
         }
     )
 

@@ -8,6 +8,7 @@ import sys
 from importlib import resources
 from typing import Any
 
+import structlog
 from pydantic import ValidationError
 
 from bot import logging as logs
@@ -20,6 +21,8 @@ from channels.telegram.cli import register_cli as register_telegram_cli
 from knowledge.cli import register_cli as register_kb_cli
 from orchestration.routing.cli import register_cli as register_routing_cli
 from simulator import cli as simulator_cli
+
+log = structlog.get_logger(__name__)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -41,8 +44,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         settings.server.port = args.port
     logs.configure(settings.log.format, settings.log.level)
+    workers = getattr(args, "workers", 1)
+    slot: int | None = getattr(args, "worker_slot", None)
+    if slot is None and workers != 1:
+        return _serve_workers(args, settings, workers)
+    if slot is not None:
+        # One of `serve --workers N`'s children: the parent migrated the database already.
+        settings.database.migrate_on_start = False
+        structlog.contextvars.bind_contextvars(worker=slot)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, reuse_port=slot is not None))
     except ConfigError as e:
         print(f"swarmdesk: {e}\n(`swarmdesk config check` explains)", file=sys.stderr)
         return 2
@@ -54,6 +65,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings, workers: int) -> int:
+    """The parent of `serve --workers N` (bot/supervisor.py)."""
+    from bot import safety
+    from bot.supervisor import PortTaken, Supervisor, reserve_port
+    from storage import db
+
+    if workers < 1:
+        print("swarmdesk: --workers must be 1 or more", file=sys.stderr)
+        return 2
+    if not settings.distributed:
+        print(
+            f"swarmdesk: --workers {workers} runs {workers} processes, which must share the "
+            "work: set queue.backend: redis (queue.url: redis://host:6379/0) and database.url "
+            "to PostgreSQL (postgresql+asyncpg://user@host/db); with queue.backend: memory run "
+            "one process (no --workers)",
+            file=sys.stderr,
+        )
+        return 2
+    # Refused here once rather than by every child in a restart loop.
+    if refused := safety.problems(settings):
+        print(
+            "swarmdesk: this configuration may not serve shoppers:\n"
+            + "\n".join(f"  - {p}" for p in refused),
+            file=sys.stderr,
+        )
+        return 2
+    host, port = settings.server.host, settings.server.port
+    try:
+        reservation = reserve_port(host, port)
+    except PortTaken as e:
+        print(
+            f"swarmdesk: cannot listen on {e.strerror}; pick another with --port", file=sys.stderr
+        )
+        return 1
+    port = int(reservation.getsockname()[1])
+    if settings.database.migrate_on_start:
+        try:
+            db.upgrade_blocking(settings.database.url)
+        except Exception as e:  # unreachable, refused, a failing migration: say which
+            where = settings.database.url.rsplit("@", 1)[-1]
+            print(f"swarmdesk: cannot migrate the database ({where}): {e}", file=sys.stderr)
+            reservation.close()
+            return 1
+    base = [sys.executable, "-m", "bot.cli"]
+    if args.config:
+        base += ["--config", str(args.config)]
+
+    def argv(slot: int) -> list[str]:
+        return [*base, "serve", "--host", host, "--port", str(port), "--worker-slot", str(slot)]
+
+    supervisor = Supervisor(workers, argv, stop_grace_s=settings.server.shutdown_grace_seconds)
+    log.info("workers_starting", workers=workers, url=f"http://{host}:{port}")
+    try:
+        return asyncio.run(supervisor.run())
+    finally:
+        reservation.close()
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -141,6 +210,15 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the service")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run N processes sharing the port (SO_REUSEPORT), one per core; needs "
+        "queue.backend: redis and PostgreSQL",
+    )
+    # Internal: marks one of --workers' children (shares the port, skips the migrations).
+    s.add_argument("--worker-slot", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("db", help="database migrations")

@@ -6,11 +6,13 @@ import difflib
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 
 from bot import safety
 from bot.settings import ConfigError, Settings, config_path, load_settings
+from channels.peers import loopback
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -100,6 +102,7 @@ def check(path: str | os.PathLike[str] | None) -> tuple[bool, str]:
                 f"  WARNING: channels.wechat.official_accounts[{acc.name}]: {acc.mode()} mode "
                 "sends message bodies unsigned; use safe mode (encryption: safe, aes_key_env)"
             )
+    notes += _distributed_notes(settings)
     for i, folder in enumerate(settings.knowledge.folders):
         if not Path(folder.path).is_dir():
             notes.append(
@@ -108,3 +111,41 @@ def check(path: str | os.PathLike[str] | None) -> tuple[bool, str]:
                 "fix the path"
             )
     return True, "\n".join(notes)
+
+
+def _distributed_notes(settings: Settings) -> list[str]:
+    """What the distributed mode (queue.backend: redis) needs that a file cannot show."""
+    if not settings.distributed:
+        return []
+    q = settings.queue
+    out = [
+        f"  note: queue.backend redis: processes share the work through {_redacted(q.url)} "
+        f"(prefix '{q.key_prefix}', {q.partitions} partitions); a process that dies hands its "
+        f"conversations over after {q.lease_seconds:g} s. Every process needs the same "
+        "database, Redis and queue.partitions"
+    ]
+    urls = {settings.redis_url(part): part for part in ("state", "bus", "queue")}
+    for url, part in urls.items():
+        parsed = urlsplit(url)
+        if parsed.scheme not in ("redis", "rediss", "unix"):
+            out.append(f"  WARNING: {part}: Redis URL {_redacted(url)!r}: use redis://host:port/db")
+            continue
+        if not loopback(parsed.hostname or "127.0.0.1") and not parsed.password:
+            out.append(
+                f"  WARNING: {part}: Redis at {parsed.hostname} without a password: it holds "
+                "the work queue and platform access tokens; set one "
+                "(redis://:PASSWORD@host) and prefer rediss:// beyond one machine"
+            )
+    if q.lease_seconds < 3:
+        out.append(
+            f"  WARNING: queue.lease_seconds {q.lease_seconds:g}: a process paused this long "
+            "(a GC, a slow disk) loses its conversations mid-answer; 10 is a safe default"
+        )
+    return out
+
+
+def _redacted(url: str) -> str:
+    parsed = urlsplit(url)
+    if parsed.password:
+        return url.replace(parsed.password, "***", 1)
+    return url

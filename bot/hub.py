@@ -27,9 +27,13 @@ class HubSubscription:
     and over, and the timer only has to fire when the stream went quiet for that long.
     """
 
-    def __init__(self, hub: Hub, conversation_id: int | None, maxsize: int) -> None:
+    def __init__(
+        self, hub: Hub, conversation_id: int | None, maxsize: int, local_only: bool = False
+    ) -> None:
         self._hub = hub
         self.conversation_id = conversation_id
+        # Only this process's events (subscribe_all(local_only=True)); see Hub.subscribe_all.
+        self.local_only = local_only
         self._items: deque[ConversationEvent] = deque()
         self._maxsize = maxsize
         self._waiter: asyncio.Future[bool] | None = None  # result: True if timed out
@@ -37,6 +41,11 @@ class HubSubscription:
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.overflowed = False
+
+    async def ready(self) -> None:
+        """Returns once events published from now on reach this subscription, whichever
+        process publishes them (at once in one process; see bot/distributed/bus.py)."""
+        await self._hub._ready(self)
 
     def offer(self, event: ConversationEvent) -> None:
         if self.closed:
@@ -130,11 +139,16 @@ class Hub:
         self._subs[conversation_id].add(sub)
         return sub
 
-    def subscribe_all(self) -> HubSubscription:
-        """Every conversation's events (the agent console)."""
-        sub = HubSubscription(self, None, self._queue_size * 10)
+    def subscribe_all(self, local_only: bool = False) -> HubSubscription:
+        """Every conversation's events (the agent console). `local_only`: only the events
+        this process makes, for work that each process must do once for its own events
+        (the outgoing webhooks); the same as any other in one process."""
+        sub = HubSubscription(self, None, self._queue_size * 10, local_only)
         self._all.add(sub)
         return sub
+
+    async def _ready(self, sub: HubSubscription) -> None:
+        """In one process a subscription gets every event from the moment it is made."""
 
     def _remove(self, sub: HubSubscription) -> None:
         if sub.conversation_id is None:
@@ -152,8 +166,14 @@ class Hub:
         self._inflight.pop(conversation_id, None)
 
     def inflight(self, conversation_id: int) -> tuple[int, list[str]] | None:
+        """(seq, deltas so far) of the answer this process is streaming, if any."""
         cur = self._inflight.get(conversation_id)
         return (cur[0], list(cur[1])) if cur else None
+
+    async def answer_so_far(self, conversation_id: int) -> tuple[int, list[str]] | None:
+        """(seq, deltas so far) of the answer being streamed right now, whichever process
+        streams it (here: this one)."""
+        return self.inflight(conversation_id)
 
     def publish(self, event: ConversationEvent) -> None:
         cid = event.conversation_id

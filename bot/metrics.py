@@ -54,6 +54,17 @@ FIRST_HUMAN_REPLY = Histogram(
     "From a handoff request to the first reply of a person",
     buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400),
 )
+# The distributed mode's work queue (queue.backend: redis).
+PARTITIONS_HELD = Gauge(
+    "swarmdesk_work_partitions_held", "Work partitions this process holds the lease of"
+)
+QUEUE_ERRORS = Counter(
+    "swarmdesk_work_queue_errors_total", "Work queue operations Redis refused", ["operation"]
+)
+QUEUE_SWEPT = Counter(
+    "swarmdesk_work_swept_total",
+    "Stored messages the queue had lost (a crash, a Redis restart), queued from the database",
+)
 STREAM_CLIENTS = Gauge("swarmdesk_stream_clients", "Connected streaming clients (SSE/WebSocket)")
 
 # What makes a busy process answer late, for the tail of the latencies above.

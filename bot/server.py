@@ -15,7 +15,11 @@ from bot.settings import Settings
 log = structlog.get_logger(__name__)
 
 
-async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: Settings, *, ready: asyncio.Event | None = None, reuse_port: bool = False
+) -> None:
+    """`reuse_port`: share the port with the other processes of `serve --workers N`; the
+    kernel spreads new connections over them."""
     app = build_app(settings)
     runner = web.AppRunner(
         app,
@@ -24,7 +28,13 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         shutdown_timeout=settings.server.shutdown_grace_seconds,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
+    site = web.TCPSite(
+        runner,
+        settings.server.host,
+        settings.server.port,
+        reuse_address=True,
+        reuse_port=reuse_port or None,
+    )
     await site.start()
     port = settings.server.port
     if runner.addresses:

@@ -87,6 +87,51 @@ class WorkerSettings(ConfigSection):
     max_concurrent_conversations: int = Field(256, ge=1)
 
 
+QueueBackend = Literal["memory", "redis"]
+
+
+class QueueSettings(ConfigSection):
+    """Where the work, the live events and the shared state of the processes live.
+
+    `memory` (the default): one process, everything in it. `redis`: any number of processes
+    (on one machine with `serve --workers N`, or several behind a load balancer) on one
+    PostgreSQL database share the work through Redis (bot/distributed/)."""
+
+    backend: QueueBackend = "memory"
+    url: str = Field("redis://127.0.0.1:6379/0", description="the Redis server (backend redis)")
+    key_prefix: str = Field(
+        "swarmdesk",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="every Redis key starts with it: one Redis can serve several shops",
+    )
+    partitions: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="conversations are spread over this many work streams; each is worked by "
+        "one process at a time (more than the processes you will ever run)",
+    )
+    lease_seconds: float = Field(
+        10.0,
+        ge=1.0,
+        le=300.0,
+        description="a process that stops renewing its streams (killed, hung) loses them "
+        "after this long and another process takes their work over",
+    )
+    sweep_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="how often a process looks in the database for stored messages the "
+        "queue lost (a crash between storing and queueing, a Redis restart)",
+    )
+
+
+class RedisUrl(ConfigSection):
+    url: str | None = Field(
+        None, description="another Redis server for this part; default: queue.url"
+    )
+
+
 class DemoShopSettings(ConfigSection):
     enabled: bool = Field(
         True, description="serve the sample shop backend (orders, tracking, ...) under /demo-shop"
@@ -206,6 +251,14 @@ class Settings(BaseSettings):
     reply: ReplySettings = Field(default_factory=ReplySettings)
     channels: ChannelsSettings = Field(default_factory=ChannelsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    bus: RedisUrl = Field(
+        default_factory=RedisUrl, description="live events between processes (backend redis)"
+    )
+    state: RedisUrl = Field(
+        default_factory=RedisUrl,
+        description="tokens, rate limits, breakers, budgets shared by the processes",
+    )
     log: LogSettings = Field(default_factory=LogSettings)
     specialists: list[SpecialistSettings] = Field(
         default_factory=lambda: _packaged("orchestration", "default_specialists.yaml"),
@@ -284,7 +337,33 @@ class Settings(BaseSettings):
                         f"tiers.{tier}[{i}]: '{ref}' is not a configured 'provider/model' "
                         f"(known: {hint})"
                     )
+        telegram = self.channels.telegram
+        if self.distributed and telegram.enabled and telegram.mode == "polling":
+            raise ValueError(
+                "channels.telegram.mode: polling is for one development process; with "
+                "queue.backend: redis every process would poll and Telegram refuses all but "
+                "one: use mode: webhook"
+            )
+        if self.queue.backend == "redis" and self.database.url.startswith("sqlite"):
+            raise ValueError(
+                "queue.backend: redis shares the work between processes, which cannot share a "
+                "SQLite file; set database.url to PostgreSQL "
+                "('postgresql+asyncpg://user@host/db') or use queue.backend: memory"
+            )
         return self
+
+    @property
+    def distributed(self) -> bool:
+        """Several processes share the work (queue.backend: redis)."""
+        return self.queue.backend == "redis"
+
+    def redis_url(self, part: Literal["queue", "bus", "state"]) -> str:
+        """The Redis server of one part of the distributed mode."""
+        if part == "bus" and self.bus.url:
+            return self.bus.url
+        if part == "state" and self.state.url:
+            return self.state.url
+        return self.queue.url
 
     def live_providers(self) -> list[ProviderSettings]:
         """Providers whose key is present (or that need none, like a local vLLM)."""

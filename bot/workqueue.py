@@ -10,13 +10,36 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Protocol
 
 import structlog
 
+from storage.fences import Fence
+
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[int, int], Awaitable[None]]  # (conversation_id, message_id)
+
+
+class Lease(Protocol):
+    """The right to work a conversation, held by one process of several (redis backend)."""
+
+    @property
+    def fence(self) -> Fence: ...
+
+    def valid(self) -> bool:
+        """Surely still held: renewed in time and not taken over."""
+        ...
+
+    def held(self) -> bool:
+        """Not known to be lost (a late renewal may still come)."""
+        ...
+
+
+# The lease the current turn runs under (None: one process, nobody to share with). The worker
+# sends only while it is valid and stores the answer under its fence.
+WORK_LEASE: ContextVar[Lease | None] = ContextVar("work_lease", default=None)
 
 
 class WorkQueue(Protocol):
@@ -29,6 +52,11 @@ class WorkQueue(Protocol):
         ...
 
     def pending(self) -> int: ...
+
+    def here(self, conversation_id: int) -> bool:
+        """This process works the conversation now (what ingest learns of a message is
+        worth keeping in memory for the worker only then)."""
+        ...
 
 
 class InProcessQueue:
@@ -87,3 +115,6 @@ class InProcessQueue:
 
     def pending(self) -> int:
         return sum(len(q) for q in self._queues.values())
+
+    def here(self, conversation_id: int) -> bool:
+        return True

@@ -23,6 +23,7 @@ from storage.rows import ConversationRef as ConversationRef
 from storage.rows import StoredMessage as StoredMessage
 
 if TYPE_CHECKING:
+    from cluster.redis import RedisParts
     from storage.executor import Database
 
 
@@ -105,6 +106,11 @@ class Subscription(Protocol):
         """The next event, None on timeout; raises EOFError when the bus closed the stream."""
         ...
 
+    async def ready(self) -> None:
+        """Returns once events published from now on reach this subscription, whichever
+        process publishes them (read the past after this, so nothing falls between)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -114,7 +120,11 @@ class EventBus(Protocol):
     def subscribe(self, conversation_id: int) -> Subscription: ...
 
     def inflight(self, conversation_id: int) -> tuple[int, list[str]] | None:
-        """(seq, deltas so far) of the answer being streamed right now, if any."""
+        """(seq, deltas so far) of the answer this process is streaming right now, if any."""
+        ...
+
+    async def answer_so_far(self, conversation_id: int) -> tuple[int, list[str]] | None:
+        """(seq, deltas so far) of the answer being streamed right now by any process."""
         ...
 
 
@@ -280,6 +290,11 @@ class Channel(abc.ABC):
     async def agent_typing(self, conversation: ConversationRef) -> None:  # noqa: B027
         """A person is writing an answer in the console: show it where the platform can
         (channels whose clients read the event bus get a typing event instead)."""
+
+    def share(self, cluster: RedisParts) -> None:  # noqa: B027 - only with shared state
+        """Several processes serve this channel (queue.backend: redis): keep what must hold
+        across them (tokens, rate limits, replay caches, locks) in `cluster`'s Redis.
+        Called before `register` and `start`; never called in the embedded mode."""
 
     async def start(self) -> None:  # noqa: B027 - most channels need no start-up work
         """Open clients, refresh tokens..."""

@@ -32,6 +32,7 @@ async def open_stream(host: ChannelHost, conversation_id: int, cursor: StreamCur
     answer that races the client's next request to the replay."""
     sub = host.events.subscribe(conversation_id)
     try:
+        await sub.ready()
         past = await host.list_messages(
             conversation_id, after_seq=cursor.watermark, limit=REPLAY_PAGE, complete_only=True
         )
@@ -68,7 +69,7 @@ async def follow(
                 conversation_id, after_seq=past[-1].seq, limit=REPLAY_PAGE, complete_only=True
             )
             past, more = [message_event(m) for m in page], len(page) >= REPLAY_PAGE
-        live = host.events.inflight(conversation_id)
+        live = await host.events.answer_so_far(conversation_id)
         if live is not None:
             seq, deltas = live
             if not deltas:

@@ -13,6 +13,8 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.engine import Connection
 
+from storage import fences, pg_turns
+from storage.fences import Fence
 from storage.handoff import request_handoff
 from storage.models import Direction, MessageStatus, Sender, utcnow
 from storage.reads import get_message
@@ -174,6 +176,9 @@ class FinalAnswer:
     # (reason, card): the answer asks for a person. In the same transaction, so no message
     # that arrives after this answer is taken by the bot instead of waiting for them.
     handoff: tuple[str, dict[str, Any] | None] | None = None
+    # The work partition's lease the answer was written under (several processes): checked
+    # first, so an answer of a process that lost the lease is never stored (FenceLost).
+    fence: Fence | None = None
 
 
 def finish_answer(conn: Connection, a: FinalAnswer) -> StoredMessage:
@@ -181,6 +186,11 @@ def finish_answer(conn: Connection, a: FinalAnswer) -> StoredMessage:
     took the conversation over while the bot was writing, the answer is stored as abandoned
     instead (the bot never talks over a human): the returned row's status says which."""
     now = utcnow()
+    if a.handoff is None and conn.dialect.name == "postgresql":
+        # One statement instead of five, the fence's check in it (storage/pg_turns.py).
+        return _answer_row(a, pg_turns.finish(conn, a, now))
+    if a.fence is not None:
+        fences.check(conn, a.fence)
     if a.calls:
         conn.execute(
             INSERT_CALLS,
@@ -221,6 +231,10 @@ def finish_answer(conn: Connection, a: FinalAnswer) -> StoredMessage:
             request_handoff(conn, a.conversation_id, *a.handoff)
     conn.execute(SET_MESSAGE, {"b_id": a.out_id, **out})
     conn.execute(SET_MESSAGE, {"b_id": a.inbound_id, **inbound})
+    return _answer_row(a, out["status"])
+
+
+def _answer_row(a: FinalAnswer, status: str) -> StoredMessage:
     return StoredMessage(
         a.out_id,
         a.conversation_id,
@@ -229,7 +243,7 @@ def finish_answer(conn: Connection, a: FinalAnswer) -> StoredMessage:
         Sender.BOT.value,
         "text",
         a.text,
-        out["status"],
+        status,
         a.out_created_at,
         reply_to_id=a.inbound_id,
     )

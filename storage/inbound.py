@@ -13,10 +13,17 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from storage import pg_turns
 from storage.answers import Answering, history, reserve
 from storage.handoff import RESOLVED, record_event
 from storage.models import MessageStatus, utcnow
-from storage.rows import ConversationNotFound, Duplicate, NewMessage, StoredMessage
+from storage.rows import (
+    ConversationNotFound,
+    ConversationRef,
+    Duplicate,
+    NewMessage,
+    StoredMessage,
+)
 from storage.statements import (
     ALLOCATE_SEQ_FOR_CONTACT,
     BOT,
@@ -71,6 +78,8 @@ def store_inbound(
     IntegrityError when the external id is stored already (a redelivery: see
     `find_by_external_id`); the caller's transaction rolls back either way.
     """
+    if target.conversation_id is not None and conn.dialect.name == "postgresql":
+        return _store_named_pg(conn, target, target.conversation_id, m, prepare)
     stored, contact_id = _store(conn, target, m)
     if prepare is None or stored.status != MessageStatus.RECEIVED.value:
         return stored, contact_id, None
@@ -85,6 +94,56 @@ def store_inbound(
         return stored, contact_id, None
     answering = reserve(conn, cid, stored.id, rows, inbound=stored, reuse=False)
     return stored, contact_id, answering if isinstance(answering, Answering) else None
+
+
+def _store_named_pg(
+    conn: Connection,
+    target: InboundTarget,
+    conversation_id: int,
+    m: NewMessage,
+    prepare: Prepare | None,
+) -> tuple[StoredMessage, int, Answering | None]:
+    """store_inbound for a named conversation on PostgreSQL, in two statements
+    (storage/pg_turns.py says why)."""
+    now = utcnow()
+    seq, contact_id, owner, csat_asked_at, channel, account, chat_id, tier, cost, attributes = (
+        pg_turns.allocate(
+            conn, conversation_id, target.channel, target.account, target.user_id, now
+        )
+    )
+    contact_id = int(contact_id)
+    changed = False
+    if target.contact_attributes:
+        # The latest says who the contact is now (e.g. verified or anonymous).
+        merged = {**(attributes or {}), **target.contact_attributes}
+        changed, attributes = merged != attributes, merged
+    if owner == RESOLVED:
+        m = after_resolved(conn, conversation_id, csat_asked_at, m, now)
+    reserve_with = (
+        prepare.history_limit
+        if prepare is not None and m.status == MessageStatus.RECEIVED.value
+        else None
+    )
+    place = (conversation_id, channel, account, contact_id)
+    stored, reserved = pg_turns.store(
+        conn, place, int(seq), m, now, attributes, changed, reserve_with
+    )
+    if reserved is None:
+        return stored, contact_id, None
+    ref = ConversationRef(conversation_id, channel, account, chat_id, contact_id, BOT)
+    answering = Answering(
+        ref,
+        tier,
+        float(cost or 0.0),
+        reserved.question,
+        reserved.history,
+        reserved.out_id,
+        reserved.seq,
+        now,
+        attributes,
+        stored,
+    )
+    return stored, contact_id, answering
 
 
 def _store(conn: Connection, target: InboundTarget, m: NewMessage) -> tuple[StoredMessage, int]:

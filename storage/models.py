@@ -342,3 +342,17 @@ class KbGeneration(Base):
     collection: Mapped[str] = mapped_column(String(64), primary_key=True)
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WorkFence(Base):
+    """The fencing token of one work partition (queue.backend: redis): raised each time a
+    process takes the partition's lease, and checked in the transaction that stores an
+    answer, so a process that lost the lease (paused, cut off) can no longer store one."""
+
+    __tablename__ = "work_fences"
+
+    partitions: Mapped[int] = mapped_column(Integer, primary_key=True)  # queue.partitions
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token: Mapped[int] = mapped_column(BigInteger, default=0)
+    holder: Mapped[str] = mapped_column(String(128), default="")
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

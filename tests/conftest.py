@@ -73,6 +73,16 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
 
 @pytest.fixture
+async def pg() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database only (what several processes share)."""
+    name = await create_pg_database()
+    try:
+        yield pg_url(name)
+    finally:
+        await drop_pg_database(name)
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'swarmdesk.db'}"
 
@@ -133,3 +143,13 @@ async def sqlite_service(
     svc = await start_service(settings_factory(sqlite_url))
     yield svc
     await svc.stop()
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A fresh key prefix on the machine's Redis; its keys are deleted after the test."""
+    from tests.redis_support import REDIS_URL, delete_prefix, fresh_prefix
+
+    prefix = fresh_prefix()
+    yield prefix
+    await delete_prefix(REDIS_URL, prefix)

@@ -180,7 +180,7 @@ async def test_history_pages_by_seq(sqlite_service: RunningService) -> None:
 async def test_health_and_readiness(sqlite_service: RunningService) -> None:
     assert (await sqlite_service.client.get("/healthz")).json() == {"status": "ok"}
     ready = await sqlite_service.client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["migration"] == ["0006"]
+    assert ready.status_code == 200 and ready.json()["migration"] == ["0007"]
     metrics = await sqlite_service.client.get("/metrics")
     assert "swarmdesk_messages_received_total" in metrics.text
 

@@ -142,3 +142,31 @@ def test_knowledge_mistakes_are_explained(
     code, report = run(capsys, "config", "check", str(f))
     assert code == 0, report
     assert "knowledge.folders[0].path" in report and "is not a folder here" in report
+
+
+def test_distributed_mode_mistakes_are_explained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "swarmdesk.yaml"
+    # Several processes cannot share a SQLite file.
+    f.write_text("queue: {backend: redis}\n")
+    code, report = run(capsys, "config", "check", str(f))
+    assert code == 1 and "set database.url to PostgreSQL" in report
+    f.write_text("queue: {backend: rabbit}\n")
+    code, report = run(capsys, "config", "check", str(f))
+    assert code == 1 and "queue.backend" in report
+    # A Redis beyond this machine without a password holds tokens anyone could read.
+    f.write_text(
+        "database: {url: 'postgresql+asyncpg://db.internal/shop'}\n"
+        "queue: {backend: redis, url: 'redis://10.0.0.5:6379/0', lease_seconds: 2}\n"
+    )
+    code, report = run(capsys, "config", "check", str(f))
+    assert code == 0, report
+    assert "Redis at 10.0.0.5 without a password" in report
+    assert "queue.lease_seconds 2" in report
+    f.write_text(
+        "database: {url: 'postgresql+asyncpg://db.internal/shop'}\n"
+        "queue: {backend: redis, url: 'redis://:s3cret@10.0.0.5:6379/0'}\n"
+    )
+    code, report = run(capsys, "config", "check", str(f))
+    assert code == 0 and "without a password" not in report and "s3cret" not in report

@@ -19,7 +19,7 @@ class Scenario(Protocol):
     async def run(self, args: argparse.Namespace) -> int: ...
 
 
-SCENARIOS = ("api", "wechat", "wecom_kf", "telegram", "widget", "orchestration", "fuzz")
+SCENARIOS = ("api", "wechat", "wecom_kf", "telegram", "widget", "orchestration", "fuzz", "scale")
 
 
 def load(name: str) -> Scenario:

@@ -5,6 +5,7 @@ hashes; sign-in attempts are limited per e-mail address and per client address."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -18,6 +19,9 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
 
 from channels.http import ApiError
+from cluster.outage import Outage, RedisUnavailable
+from cluster.redis import RedisParts
+from cluster.window import SlidingWindows
 from storage import agents
 from storage.executor import Database
 from storage.models import utcnow
@@ -66,8 +70,17 @@ class SignInLimits:
     def __init__(self) -> None:
         self._failures: dict[str, deque[float]] = {}
 
-    def retry_after(self, email: str, client: str) -> int:
+    async def retry_after(self, email: str, client: str) -> int:
         """Seconds until `email` from `client` may try again (0: now)."""
+        return self._retry_after(email, client)
+
+    async def failed(self, email: str, client: str) -> None:
+        self._failed(email, client)
+
+    async def succeeded(self, email: str) -> None:
+        self._failures.pop(f"e:{email}", None)
+
+    def _retry_after(self, email: str, client: str) -> int:
         now = time.monotonic()
         waits = [
             self._wait(f"e:{email}", FAILURES_PER_EMAIL, now),
@@ -75,13 +88,10 @@ class SignInLimits:
         ]
         return max(waits)
 
-    def failed(self, email: str, client: str) -> None:
+    def _failed(self, email: str, client: str) -> None:
         now = time.monotonic()
         for key in (f"e:{email}", f"c:{client}"):
             self._failures.setdefault(key, deque()).append(now)
-
-    def succeeded(self, email: str) -> None:
-        self._failures.pop(f"e:{email}", None)
 
     def _wait(self, key: str, limit: int, now: float) -> int:
         times = self._failures.get(key)
@@ -97,10 +107,52 @@ class SignInLimits:
         return max(1, int(times[0] + WINDOW_S - now) + 1)
 
 
+class SharedSignInLimits(SignInLimits):
+    """The same limits across all processes (queue.backend: redis): failures counted in Redis,
+    under hashed keys (no addresses stored there).
+
+    While Redis is down each process limits on its own counts — kept alongside all the time —
+    so an attacker gets at most the limit per process per window until Redis answers again
+    (logged once per outage)."""
+
+    def __init__(self, cluster: RedisParts) -> None:
+        super().__init__()
+        self._keys = cluster.keys
+        self._windows = SlidingWindows(cluster.state)
+        self.outage = Outage("sign-in limits")
+
+    def _key(self, kind: str, value: str) -> str:
+        return self._keys("signin", kind, secret_hash(value)[:32])
+
+    async def retry_after(self, email: str, client: str) -> int:
+        checks = [
+            (self._key("e", email), FAILURES_PER_EMAIL, WINDOW_S),
+            (self._key("c", client), FAILURES_PER_CLIENT, WINDOW_S),
+        ]
+        try:
+            wait = await self.outage.call(self._windows.wait(checks))
+        except RedisUnavailable:
+            return self._retry_after(email, client)
+        return max(1, int(wait) + 1) if wait > 0 else 0
+
+    async def failed(self, email: str, client: str) -> None:
+        self._failed(email, client)
+        with contextlib.suppress(RedisUnavailable):
+            await self.outage.call(
+                self._windows.add([self._key("e", email), self._key("c", client)], WINDOW_S)
+            )
+
+    async def succeeded(self, email: str) -> None:
+        await super().succeeded(email)
+        with contextlib.suppress(RedisUnavailable):
+            await self.outage.call(self._windows.clear(self._key("e", email)))
+
+
 class Auth:
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.limits = SignInLimits()
+        # Replaced by SharedSignInLimits in the distributed mode (bot/app.py).
+        self.limits: SignInLimits = SignInLimits()
 
     async def sign_in(
         self, request: web.Request, email: str, password: str
@@ -108,7 +160,7 @@ class Auth:
         """(agent, session secret for the cookie, CSRF token), or an ApiError."""
         email = email.strip().lower()
         client = request.remote or "?"
-        wait = self.limits.retry_after(email, client)
+        wait = await self.limits.retry_after(email, client)
         if wait:
             raise ApiError(
                 429,
@@ -120,9 +172,9 @@ class Auth:
         agent, stored = found if found is not None else (None, None)
         ok = await password_matches(stored, password)
         if not ok or agent is None or not agent.active:
-            self.limits.failed(email, client)
+            await self.limits.failed(email, client)
             raise ApiError(401, "wrong_credentials", "the e-mail address or password is wrong")
-        self.limits.succeeded(email)
+        await self.limits.succeeded(email)
         session, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
         await self.db.write(
             partial(

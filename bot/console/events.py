@@ -25,6 +25,7 @@ async def stream_console_events(request: web.Request, hub: Hub) -> web.StreamRes
         }
     )
     try:
+        await sub.ready()  # other processes' events too, before "connected"
         await resp.prepare(request)
         await resp.write(b": connected\n\n")
         while True:

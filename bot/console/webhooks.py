@@ -74,7 +74,8 @@ class Webhooks:
         await self._client.aclose()
 
     async def _listen(self) -> None:
-        sub = self.hub.subscribe_all()
+        # Each process posts its own events: one webhook per event across the processes.
+        sub = self.hub.subscribe_all(local_only=True)
         try:
             while True:
                 try:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
+from bot.distributed.queue import RedisQueue
 from bot.hub import Hub
 from bot.locks import KeyedLocks, LockStore
 from bot.pipeline.host import Host
@@ -64,8 +66,13 @@ class Pipeline:
         self.queue.start(self.worker.handle)
 
     async def recover(self) -> dict[str, int]:
-        """After a crash or restart: drop cut answers, deliver stored ones, answer the rest."""
-        return await recover(self.parts, self.queue)
+        """After a crash or restart: drop cut answers, deliver stored ones, answer the rest.
+        With several processes each does so for the partitions it takes, as it takes them
+        (others are working the rest right now)."""
+        if isinstance(self.queue, RedisQueue):
+            await self.queue.on_takeover(partial(recover, self.parts))
+            return {}
+        return await recover(self.parts, self.queue.put)
 
     async def close(self) -> None:
         """After the work queue drained: close the database threads."""

@@ -7,7 +7,12 @@ from __future__ import annotations
 from functools import partial
 
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+)
 from tenacity import wait_exponential_jitter as backoff
 
 from bot.pipeline.parts import Parts
@@ -15,6 +20,7 @@ from channels.base import ConversationEvent, Delivery, message_event
 from orchestration.config import ReplySettings
 from storage import answers
 from storage.answers import Answering
+from storage.fences import FenceLost
 from storage.models import MessageStatus
 
 log = structlog.get_logger(__name__)
@@ -29,7 +35,8 @@ def turn_retries() -> AsyncRetrying:
     return AsyncRetrying(
         stop=stop_after_attempt(TURN_ATTEMPTS),
         wait=backoff(multiplier=0.5, max=4, jitter=0.25),
-        retry=retry_if_exception_type(Exception),  # (CancelledError is no Exception: shutdown)
+        # (CancelledError is no Exception: shutdown; FenceLost: another process has the turn)
+        retry=retry_if_exception_type(Exception) & retry_if_not_exception_type(FenceLost),
         reraise=True,
         before_sleep=lambda state: log.warning(
             "turn_retry",

@@ -17,6 +17,7 @@ from bot.pipeline.failed_turn import give_up, turn_retries
 from bot.pipeline.outbox import handed_off, handoff_card
 from bot.pipeline.parts import Parts
 from bot.pipeline.summaries import call_fields
+from bot.workqueue import WORK_LEASE
 from channels.base import (
     Channel,
     ConversationEvent,
@@ -39,6 +40,7 @@ from orchestration.events import (
 from orchestration.orchestrator import Orchestrator
 from storage import answers, inbox
 from storage.answers import Answering, NotAnswering
+from storage.fences import FenceLost
 from storage.models import Direction, MessageStatus, Sender
 from storage.rows import HistoryRow
 
@@ -111,6 +113,9 @@ class TurnWorker:
                         raise
         except asyncio.CancelledError:
             raise
+        except FenceLost as e:
+            # Another process holds the conversation now and answers the message itself.
+            log.warning("turn_fenced", message_id=message_id, detail=str(e))
         except Exception:
             log.exception("turn_failed", message_id=message_id)
             await give_up(
@@ -159,8 +164,13 @@ class TurnWorker:
 
         channel = self.channels[conv.channel]
         taken = self.parts.taken
-        # From here on every send of this answer first asks whether a person took over.
-        guard_sends(lambda: conv.id not in taken)
+        lease = WORK_LEASE.get()
+        # From here on every send of this answer first asks whether a person took over (and,
+        # with several processes, whether this one still holds the conversation).
+        if lease is None:
+            guard_sends(lambda: conv.id not in taken)
+        else:
+            guard_sends(lambda: conv.id not in taken and lease.valid())
         sink = channel.open_reply(conv, view)
         started = time.monotonic()
         metrics.IN_FLIGHT.inc()
@@ -195,7 +205,10 @@ class TurnWorker:
         vis = Visibility()
         try:
             await sink.typing()
+            lease = WORK_LEASE.get()
             async for ev in self.orchestrator.reply(info, turns, question, vis):
+                if lease is not None and not lease.held():
+                    raise FenceLost("this process lost the conversation's work partition")
                 if conv.id in taken:
                     # A person took over: stop writing now; the answer is stored abandoned.
                     inflight = self.hub.inflight(conv.id)
@@ -231,7 +244,7 @@ class TurnWorker:
                     reply.final = ev
                 elif isinstance(ev, Escalate):
                     reply.escalate = ev
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, FenceLost):
             raise  # shutdown: the answer stays STREAMING and is redone after restart
         except Exception:
             log.exception("orchestration_raised")
@@ -255,6 +268,7 @@ class TurnWorker:
         # A channel that delivers nothing (its clients read the event bus): storing the
         # answer is its delivery, recorded in the same transaction.
         delivered = channel.capabilities.event_bus_delivery
+        lease = WORK_LEASE.get()
         handoff = None
         if reply.escalate is not None:
             e = reply.escalate
@@ -279,6 +293,7 @@ class TurnWorker:
                     routing=final.routing or None,
                     delivered=delivered,
                     handoff=handoff,
+                    fence=lease.fence if lease is not None else None,
                 ),
             )
         )

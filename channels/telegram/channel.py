@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Coroutine
-from typing import Any
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiogram import Dispatcher, F
@@ -45,11 +46,15 @@ from channels.telegram.inbound import (
 from channels.telegram.outbound import failed, send_text
 from channels.telegram.sink import TelegramSink
 from channels.telegram.text import MAX_MESSAGE
-from channels.telegram.updates import Poller, UpdateFeed, WebhookHandler
+from channels.telegram.updates import Poller, PollGuard, UpdateFeed, WebhookHandler
+
+if TYPE_CHECKING:
+    from cluster.redis import RedisParts
 
 log = structlog.get_logger(__name__)
 
 _CLOSE_GRACE_S = 10.0
+POLL_LEASE_S = 15.0  # a polling process that died lets another take over this soon
 
 
 class TelegramConfigError(RuntimeError):
@@ -82,11 +87,26 @@ class TelegramChannel(Channel):
         self.dispatcher.edited_message.register(self._on_edit, F.text | F.caption)
         self.feeds = {a: UpdateFeed(self.dispatcher, c) for a, c in self.clients.items()}
         self._pollers: list[Poller] = []
+        self._poll_guard: PollGuard | None = None  # share(): one process polls a bot
         self._host: ChannelHost | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sink_tasks: set[asyncio.Task[None]] = set()  # typing and draft loops of sinks
 
     # -- Channel -------------------------------------------------------------------------
+
+    def share(self, cluster: RedisParts) -> None:
+        # A chat's 429 pause holds for every process; one process polls a bot.
+        from channels.telegram.shared_pauses import SharedChatPauses
+        from cluster.renewed_lock import renewed_lock
+
+        for account, client in self.clients.items():
+            client.pauses = SharedChatPauses(cluster, account)
+        keys = cluster.keys
+
+        def guard(account: str) -> AbstractAsyncContextManager[object]:
+            return renewed_lock(cluster.state, keys("tg_polling", account), lease_s=POLL_LEASE_S)
+
+        self._poll_guard = guard
 
     def register(self, app: web.Application, host: ChannelHost) -> None:
         self._host = host
@@ -104,7 +124,7 @@ class TelegramChannel(Channel):
             self._spawn(self._introduce(client))
         if self.settings.mode == "polling":
             for feed in self.feeds.values():
-                poller = Poller(feed)
+                poller = Poller(feed, guard=self._poll_guard)
                 poller.start()
                 self._pollers.append(poller)
 

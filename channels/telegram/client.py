@@ -3,6 +3,7 @@
 Telegram limits each chat: a 429 answer carries `retry_after`, and until it has passed every
 call to that chat (any sink, any message) waits. Streamed updates of one chat (drafts or
 edits) share one schedule, so two answers in one group still edit at most once a second.
+With several processes the pause of a 429 holds for all of them (`pauses`, in Redis).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp
 import structlog
@@ -27,6 +28,9 @@ from aiogram.methods import GetMe, TelegramMethod
 from channels.base import TakenOver, may_send
 from channels.telegram import metrics
 from channels.telegram.config import TelegramBotSettings
+
+if TYPE_CHECKING:
+    from channels.telegram.shared_pauses import SharedChatPauses
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -78,6 +82,7 @@ class BotClient:
         self._username = settings.username
         self._me_lock = asyncio.Lock()
         self._gates: dict[int, ChatGate] = {}
+        self.pauses: SharedChatPauses | None = None  # the chats' 429 pauses of all processes
 
     @property
     def bot_id(self) -> int:
@@ -131,6 +136,8 @@ class BotClient:
         while True:
             if gate is not None:
                 await gate.wait_open()
+                if self.pauses is not None and chat_id is not None:
+                    await self._wait_shared_pause(self.pauses, gate, chat_id)
             if not may_send():
                 raise TakenOver(name)  # a person took over while this waited
             try:
@@ -147,6 +154,8 @@ class BotClient:
                 )
                 if gate is not None:
                     gate.blocked_until = max(gate.blocked_until, time.monotonic() + e.retry_after)
+                    if self.pauses is not None and chat_id is not None:
+                        await self.pauses.hold(chat_id, e.retry_after)
                 if attempt >= retries:
                     raise
                 if gate is None:
@@ -164,6 +173,14 @@ class BotClient:
                 metrics.API_CALLS.labels(self.account, name, "ok").inc()
                 return result
             attempt += 1
+
+    @staticmethod
+    async def _wait_shared_pause(pauses: SharedChatPauses, gate: ChatGate, chat_id: int) -> None:
+        """Wait out a pause another process was told for this chat (the chat's streamed
+        updates book their slots after it too)."""
+        while (left := await pauses.remaining(chat_id)) > 0:
+            gate.blocked_until = max(gate.blocked_until, time.monotonic() + left)
+            await gate.wait_open()
 
     async def close(self) -> None:
         await self.bot.session.close()

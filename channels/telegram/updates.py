@@ -8,9 +8,11 @@ polling offset moves past it, so Telegram redelivers whatever we did not keep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import structlog
@@ -27,6 +29,7 @@ from pydantic import ValidationError
 from channels.http import ApiError, read_json
 from channels.telegram import metrics
 from channels.telegram.client import BotClient
+from cluster.redis import REDIS_DOWN
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +37,10 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 ALLOWED_UPDATES = ["message", "edited_message"]
 _RECENT_UPDATES = 4096
 _POLL_TIMEOUT_S = 25
+
+# Held while a bot is polled, so that one process of several polls it (Telegram refuses a
+# second getUpdates with 409); None when one process serves everything.
+PollGuard = Callable[[str], AbstractAsyncContextManager[object]]
 
 
 class UpdateFeed:
@@ -132,11 +139,17 @@ class WebhookHandler(SimpleRequestHandler):
 
 class Poller:
     """Long polling for development: getUpdates in a loop, each update fed in order. The
-    offset moves past an update only once it is stored, so a failure retries it."""
+    offset moves past an update only once it is stored, so a failure retries it. With
+    several processes one polls each bot at a time (`guard`); the others wait to take over
+    (from Telegram's unconfirmed updates: what the last one stored comes back as
+    duplicates)."""
 
-    def __init__(self, feed: UpdateFeed, *, on_error_delay: float = 3.0) -> None:
+    def __init__(
+        self, feed: UpdateFeed, *, on_error_delay: float = 3.0, guard: PollGuard | None = None
+    ) -> None:
         self.feed = feed
         self.delay = on_error_delay
+        self._guard = guard
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -151,6 +164,21 @@ class Poller:
             self._task = None
 
     async def _run(self) -> None:
+        if self._guard is None:
+            await self._poll()
+            return
+        while True:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    await stack.enter_async_context(self._guard(self.feed.client.account))
+                except REDIS_DOWN as e:
+                    # Polling without the guard would fight the other processes (409s).
+                    log.warning("telegram_poll_guard_unavailable", error=repr(e))
+                    await asyncio.sleep(self.delay)
+                    continue
+                await self._poll()
+
+    async def _poll(self) -> None:
         client = self.feed.client
         try:
             await client.call(DeleteWebhook(drop_pending_updates=False))

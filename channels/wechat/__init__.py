@@ -22,7 +22,9 @@ def build(settings: WechatSettings) -> list[Channel]:
     from channels.wechat.official import OfficialAccountChannel
     from channels.wechat.wecom import WecomChannel
 
-    store = InProcessTokenStore()  # shared: one place to swap in Redis later
+    # One store for both channels in this process; with several processes each channel's
+    # share() puts the tokens in Redis instead.
+    store = InProcessTokenStore()
     channels: list[Channel] = []
     if settings.official_accounts:
         channels.append(OfficialAccountChannel(settings, store))

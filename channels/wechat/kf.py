@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -43,10 +43,13 @@ from channels.wechat.delivery import MAX_BYTES, PieceSink, send_pieces
 from channels.wechat.kf_api import STATE_POOL, STATE_SERVICER, KfApi
 from channels.wechat.kf_config import KfAccountSettings, WecomKfSettings
 from channels.wechat.kf_inbound import KfItem, parse_item
-from channels.wechat.kf_sync import Puller
+from channels.wechat.kf_sync import Puller, PullGuard
 from channels.wechat.runtime import WechatChannelBase, open_wecom_callback, verify_echo
 from channels.wechat.tokens import InProcessTokenStore, TokenStore
 from channels.wechat.xmlsafe import safe_xml
+
+if TYPE_CHECKING:
+    from cluster.redis import RedisParts
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +81,7 @@ class WecomKfChannel(WechatChannelBase):
         self._by_kfid = {a.open_kfid: a for a in settings.accounts}
         self._page_size = page_size
         self._api: KfApi | None = None
+        self._guard: PullGuard | None = None  # one pull per account across processes
         self.pullers: dict[str, Puller] = {}
         self._known: OrderedDict[tuple[str, str], None] = OrderedDict()
         # (account, customer) -> (welcome_code, monotonic deadline) of an enter_session
@@ -88,6 +92,15 @@ class WecomKfChannel(WechatChannelBase):
         if self._api is None:
             raise RuntimeError("the wecom_kf channel is not started")
         return self._api
+
+    def share(self, cluster: RedisParts) -> None:
+        # The token fetched once for all processes; one process at a time pulls an account.
+        from channels.wechat.kf_sync import redis_pull_guard
+        from channels.wechat.redis_tokens import RedisTokenStore
+
+        self._store = RedisTokenStore(cluster.state, cluster.keys)
+        keys = cluster.keys
+        self._guard = redis_pull_guard(cluster.state, lambda name: keys("wecom_kf_pull", name))
 
     def register(self, app: web.Application, host: ChannelHost) -> None:
         self._host = host
@@ -112,6 +125,7 @@ class WecomKfChannel(WechatChannelBase):
                 partial(self._store_page, a),
                 self.spawn,
                 self._page_size,
+                self._guard,
             )
             self.pullers[a.name] = p
             p.kick()  # what arrived while we were down (the cursor is in the database)

@@ -7,22 +7,30 @@ pull cut anywhere (an error, a crash, a restart) starts again from the page it w
 the messages stored already come back as duplicates (each is stored once by its msgid).
 
 One pull per account runs at a time in this process (an asyncio lock); callbacks that
-arrive meanwhile ask for one more pull after it, however many they are. Across replicas the
-same lock will have to live in Redis or PostgreSQL (scale-out); until then one process
-serves the account.
+arrive meanwhile ask for one more pull after it, however many they are. With several
+processes (`redis_pull_guard`) a pull also holds the account's Redis lock, renewed while it
+runs: a callback landing on another process waits for that pull to end and then pulls from
+the cursor it left (usually nothing new); if the holder dies, its lease runs out and the
+waiting process takes over. Without Redis a process pulls on its own (logged): each message
+is still stored once, by its msgid.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any
 
 import structlog
+from redis.asyncio import Redis
 
 from channels.wechat.api import WechatApiError
 from channels.wechat.kf_api import KF_BAD_SYNC_TOKEN, KfApi, SyncPage
+from cluster.redis import REDIS_DOWN
+from cluster.renewed_lock import renewed_lock
 from storage import kf_cursor
 from storage.executor import Database
 
@@ -32,6 +40,29 @@ log = structlog.get_logger(__name__)
 # again).
 HandlePage = Callable[[list[dict[str, Any]]], Awaitable[None]]
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
+# Held around each pull so that one process at a time pulls an account (the name says which).
+PullGuard = Callable[[str], AbstractAsyncContextManager[None]]
+
+PULL_LEASE_S = 15.0  # a holder that stops renewing (died, hung) frees the account this soon
+
+
+def redis_pull_guard(
+    redis: Redis, lock_name: Callable[[str], str], lease_s: float = PULL_LEASE_S
+) -> PullGuard:
+    """The guard of processes sharing Redis: the account's lock, renewed while pulling."""
+
+    @contextlib.asynccontextmanager
+    async def guard(name: str) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(
+                    renewed_lock(redis, lock_name(name), lease_s=lease_s)
+                )
+            except REDIS_DOWN as e:
+                log.warning("wecom_kf_pull_unguarded", account=name, error=repr(e))
+            yield
+
+    return guard
 
 
 class Puller:
@@ -44,6 +75,7 @@ class Puller:
         handle: HandlePage,
         spawn: Spawn,
         page_size: int,
+        guard: PullGuard | None = None,
     ) -> None:
         self.account = account
         self.open_kfid = open_kfid
@@ -52,6 +84,7 @@ class Puller:
         self._handle = handle
         self._spawn = spawn
         self._page_size = page_size
+        self._guard = guard
         self._lock = asyncio.Lock()
         self._wanted = False
         self._token: str | None = None
@@ -80,27 +113,33 @@ class Puller:
 
     async def pull(self) -> int:
         """Fetch and store everything new; the number of items seen."""
-        seen = 0
         async with self._lock:
-            cursor = await self._db.read(
-                partial(kf_cursor.get_cursor, account=self.account, open_kfid=self.open_kfid)
-            )
-            while True:
-                page = await self._page(cursor)
-                seen += len(page.messages)
-                await self._handle(page.messages)
-                if page.next_cursor and page.next_cursor != cursor:
-                    cursor = page.next_cursor
-                    await self._db.write(
-                        partial(
-                            kf_cursor.save_cursor,
-                            account=self.account,
-                            open_kfid=self.open_kfid,
-                            cursor=cursor,
-                        )
+            if self._guard is None:
+                return await self._pull()
+            async with self._guard(f"{self.account}:{self.open_kfid}"):
+                return await self._pull()
+
+    async def _pull(self) -> int:
+        seen = 0
+        cursor = await self._db.read(
+            partial(kf_cursor.get_cursor, account=self.account, open_kfid=self.open_kfid)
+        )
+        while True:
+            page = await self._page(cursor)
+            seen += len(page.messages)
+            await self._handle(page.messages)
+            if page.next_cursor and page.next_cursor != cursor:
+                cursor = page.next_cursor
+                await self._db.write(
+                    partial(
+                        kf_cursor.save_cursor,
+                        account=self.account,
+                        open_kfid=self.open_kfid,
+                        cursor=cursor,
                     )
-                if not page.has_more:
-                    return seen
+                )
+            if not page.has_more:
+                return seen
 
     async def _page(self, cursor: str | None) -> SyncPage:
         self.pulls += 1

@@ -19,7 +19,7 @@ import contextlib
 import time
 from collections.abc import Mapping
 from datetime import UTC
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
@@ -45,11 +45,20 @@ from channels.wechat.chunks import split_text
 from channels.wechat.config import OfficialAccountSettings, WechatSettings
 from channels.wechat.delivery import MAX_BYTES, PieceStream, send_pieces
 from channels.wechat.inbound import normalize
-from channels.wechat.passive import SYSTEM_REPLY, AnswerBoard, SystemReplySlot
+from channels.wechat.passive import (
+    SYSTEM_REPLY,
+    AnswerBoard,
+    PassiveBoard,
+    SystemReplySlot,
+    Ticket,
+)
 from channels.wechat.replay import ReplayGuard
 from channels.wechat.runtime import WechatChannelBase, bind, require_signature, signed_params
 from channels.wechat.tokens import InProcessTokenStore, TokenStore
 from channels.wechat.xmlsafe import read_limited, safe_xml
+
+if TYPE_CHECKING:
+    from cluster.redis import RedisParts
 
 log = structlog.get_logger(__name__)
 
@@ -116,7 +125,19 @@ class OfficialAccountChannel(WechatChannelBase):
             a.name: _Account(a, settings.api_base_url) for a in settings.official_accounts
         }
         self._store: TokenStore = store or InProcessTokenStore()
-        self.board = AnswerBoard()
+        self.board: PassiveBoard = AnswerBoard()
+
+    def share(self, cluster: RedisParts) -> None:
+        # Tokens fetched once for all processes; a nonce seen by one is a replay for all.
+        from channels.wechat.redis_tokens import RedisTokenStore
+        from channels.wechat.replay import RedisNonceStore
+
+        self._store = RedisTokenStore(cluster.state, cluster.keys)
+        self.replay.store = RedisNonceStore(cluster.state, cluster.keys)
+        # A retry may reach another process than the one writing the answer.
+        from channels.wechat.passive_shared import SharedAnswerBoard
+
+        self.board = SharedAnswerBoard(cluster, spawn=self.spawn)
 
     def register(self, app: web.Application, host: ChannelHost) -> None:
         self._host = host
@@ -205,7 +226,7 @@ class OfficialAccountChannel(WechatChannelBase):
 
     async def _await_answer(
         self, acc: _Account, result: IngestResult, started: float
-    ) -> tuple[str | None, Any]:
+    ) -> tuple[str | None, Ticket | None]:
         conv = await self.host.get_conversation(result.conversation_id)
         if conv is None or conv.owner != "bot":
             return None, None  # a person owns the conversation; they answer through the API
@@ -231,12 +252,12 @@ class OfficialAccountChannel(WechatChannelBase):
         msg: Any,
         text: str,
         encrypted: bool,
-        waiter: Any,
+        waiter: Ticket | None,
     ) -> web.StreamResponse:
         """Write the passive reply now and tell the waiting sink whether it went out."""
         written = False
         try:
-            if waiter is not None and waiter.written.cancelled():
+            if waiter is not None and not await waiter.begin():
                 return web.Response(text=SUCCESS)  # the sink gave up on us: the API has it
             xml = TextReply(message=msg, content=text, time=int(time.time())).render()
             if encrypted:
@@ -253,8 +274,8 @@ class OfficialAccountChannel(WechatChannelBase):
                 log.warning("wechat_passive_reply_lost", account=acc.name, error=repr(e))
             return resp
         finally:
-            if waiter is not None and not waiter.written.done():
-                waiter.written.set_result(written)
+            if waiter is not None:
+                await waiter.report(written)
 
     # -- replies -----------------------------------------------------------------------------
 
@@ -326,10 +347,12 @@ class _OaSink(ReplySink):
             created = created.replace(tzinfo=UTC)
         # The first callback's window ends about this time (wall clock); retries add theirs.
         self._window_end = created.timestamp() + acc.s.passive_budget_seconds
-        self._board.slot(self._id)
+        self._board.expect(self._id)
 
-    def _window_passed(self) -> bool:
-        return time.time() >= self._window_end and not self._board.window_open(self._id)
+    async def _window_passed(self) -> bool:
+        if time.time() < self._window_end:
+            return False
+        return await self._board.window_left(self._id) is None
 
     async def typing(self) -> None:
         if self._acc.s.typing:
@@ -340,12 +363,11 @@ class _OaSink(ReplySink):
         delay = self._window_end - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        loop = asyncio.get_running_loop()
         while True:  # a retry may have opened a new window meanwhile
-            end = self._board.window_end(self._id)
-            if end is None:
+            left = await self._board.window_left(self._id)
+            if left is None:
                 break
-            await asyncio.sleep(max(end - loop.time(), 0.0) + 0.05)
+            await asyncio.sleep(left + 0.05)
         while True:
             try:
                 await self._acc.api.typing(self._openid, True)
@@ -363,13 +385,13 @@ class _OaSink(ReplySink):
                 await task
 
     async def push(self, delta: str) -> None:
-        if not self._pieces.add(delta) or not self._window_passed():
+        if not self._pieces.add(delta) or not await self._window_passed():
             return
         # A full piece is ready and nobody waits for a passive reply: send it now rather
         # than at the end.
         pieces = self._pieces.full_pieces()
         if pieces:
-            self._board.to_api(self._id)
+            await self._board.to_api(self._id)
             await self._pieces.send_full(pieces)
 
     def shown(self) -> bool:
@@ -383,7 +405,7 @@ class _OaSink(ReplySink):
         await self._stop_typing()
         failure = self._pieces.failure
         if failure is not None:
-            self._board.abandon(self._id)
+            await self._board.abandon(self._id)
             REPLIES.labels(CHANNEL, _route(failure, passive=False)).inc()
             return failure
         if self._pieces.sent:
@@ -391,22 +413,17 @@ class _OaSink(ReplySink):
             return self._count(await self._pieces.send(rest), passive=False)
         pieces = split_text(final_text, MAX_BYTES)
         if not pieces:
-            self._board.abandon(self._id)
+            await self._board.abandon(self._id)
             return Delivery()
-        waiter = self._board.claim(self._id, pieces[0])
-        if waiter is not None:
-            try:
-                ok = await asyncio.wait_for(asyncio.shield(waiter.written), PASSIVE_WRITE_WAIT_S)
-            except TimeoutError:
-                waiter.written.cancel()
-                ok = False
-            if ok:
+        handover = await self._board.claim(self._id, pieces[0])
+        if handover is not None:
+            if await handover.delivered(PASSIVE_WRITE_WAIT_S):
                 self._pieces.ids.append("passive")
                 if len(pieces) == 1:
                     REPLIES.labels(CHANNEL, "passive").inc()
                     return Delivery(platform_message_ids=list(self._pieces.ids))
                 return self._count(await self._pieces.send("".join(pieces[1:])), passive=True)
-            self._board.to_api(self._id)  # the passive reply did not go out
+            await self._board.to_api(self._id)  # the passive reply did not go out
         return self._count(await self._pieces.send(final_text), passive=False)
 
     def _count(self, d: Delivery, *, passive: bool) -> Delivery:
@@ -415,7 +432,7 @@ class _OaSink(ReplySink):
 
     async def fail(self, reason: str) -> None:
         await self._stop_typing()
-        self._board.abandon(self._id)
+        await self._board.abandon(self._id)
         if self._typed:
             with contextlib.suppress(WechatApiError, WechatTransportError):
                 await self._acc.api.typing(self._openid, False)

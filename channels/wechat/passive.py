@@ -12,6 +12,9 @@ answer:
 
 Claiming is synchronous — checking the waiter and taking it happen in one step of the event
 loop — so an answer is handed to exactly one of: a waiting request, or the API.
+
+`PassiveBoard` is what the Official Account channel needs of a board: this one (one process)
+or passive_shared.SharedAnswerBoard (several processes, the same rules kept in Redis).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 Phase = Literal["writing", "passive", "api", "done"]
 
@@ -29,6 +32,45 @@ Phase = Literal["writing", "passive", "api", "done"]
 # message all arrive within about 15 seconds.
 RETAIN_S = 120.0
 PRUNE_EVERY_S = 5.0
+
+
+class Ticket(Protocol):
+    """The webhook request's side of a hand-over."""
+
+    async def begin(self) -> bool:
+        """Whether the request may still write the passive reply (False: the sink gave up
+        waiting and the API has it)."""
+        ...
+
+    async def report(self, written: bool) -> None:
+        """Whether the passive reply went out."""
+        ...
+
+
+class Handover(Protocol):
+    """The sink's side of a hand-over."""
+
+    async def delivered(self, timeout: float) -> bool:
+        """Wait up to `timeout` s to hear that the request wrote the passive reply; False
+        (not written, or nothing heard) means the sink sends the answer by the API."""
+        ...
+
+
+class PassiveBoard(Protocol):
+    def expect(self, inbound_id: int) -> None:
+        """A sink is about to write the answer to this message."""
+
+    async def wait(self, inbound_id: int, budget: float) -> tuple[str | None, Ticket | None]: ...
+
+    async def claim(self, inbound_id: int, text: str) -> Handover | None: ...
+
+    async def to_api(self, inbound_id: int) -> None: ...
+
+    async def abandon(self, inbound_id: int) -> None: ...
+
+    async def window_left(self, inbound_id: int) -> float | None:
+        """Seconds until the window of the request waiting now ends; None: none waits."""
+        ...
 
 
 @dataclass(slots=True, eq=False)
@@ -39,6 +81,20 @@ class Waiter:
     until: float
     # Set by the request once it wrote (True) or failed to write (False) the passive reply.
     written: asyncio.Future[bool]
+
+    async def begin(self) -> bool:
+        return not self.written.cancelled()
+
+    async def report(self, written: bool) -> None:
+        if not self.written.done():
+            self.written.set_result(written)
+
+    async def delivered(self, timeout: float) -> bool:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.written), timeout)
+        except TimeoutError:
+            self.written.cancel()
+            return False
 
 
 @dataclass(slots=True, eq=False)
@@ -73,6 +129,9 @@ class AnswerBoard:
     def get(self, inbound_id: int) -> Slot | None:
         return self._slots.get(inbound_id)
 
+    def expect(self, inbound_id: int) -> None:
+        self.slot(inbound_id)
+
     def _prune(self) -> None:
         now = time.monotonic()
         if now - self._pruned < PRUNE_EVERY_S:
@@ -97,6 +156,12 @@ class AnswerBoard:
         if s and s.waiter and not s.waiter.text.done():
             return s.waiter.until
         return None
+
+    async def window_left(self, inbound_id: int) -> float | None:
+        end = self.window_end(inbound_id)
+        if end is None:
+            return None
+        return max(end - asyncio.get_running_loop().time(), 0.0)
 
     # -- the webhook side -----------------------------------------------------------------
 
@@ -132,7 +197,7 @@ class AnswerBoard:
 
     # -- the sink side --------------------------------------------------------------------
 
-    def claim(self, inbound_id: int, text: str) -> Waiter | None:
+    async def claim(self, inbound_id: int, text: str) -> Waiter | None:
         """Hand `text` to the waiting request, if there is one (then phase `passive`);
         otherwise the phase becomes `api` and the caller sends through the API."""
         s = self.slot(inbound_id)
@@ -146,7 +211,7 @@ class AnswerBoard:
             s.phase = "api"
         return None
 
-    def to_api(self, inbound_id: int) -> None:
+    async def to_api(self, inbound_id: int) -> None:
         """The answer goes through the API from now on (a retry gets `success`)."""
         s = self.slot(inbound_id)
         if s.waiter is not None and not s.waiter.text.done():
@@ -155,7 +220,7 @@ class AnswerBoard:
         s.phase = "api"
         s.passive_text = None
 
-    def abandon(self, inbound_id: int) -> None:
+    async def abandon(self, inbound_id: int) -> None:
         """Nothing will be sent for this message (the answer failed or a person took over)."""
         s = self.slot(inbound_id)
         if s.waiter is not None and not s.waiter.text.done():

@@ -5,8 +5,9 @@ not the body: one captured callback URL would sign any body. A callback is accep
 within `window_s` of our clock, and a (timestamp, nonce) pair only ever with one body —
 WeChat's retries of the same message (same body) still pass, and storing them is idempotent.
 
-The seen pairs live behind `NonceStore`, in memory today; several replicas need a shared one
-(Redis SET NX with an expiry implements `remember` as is).
+The seen pairs live behind `NonceStore`: in memory in one process, in Redis (one SET NX GET
+with an expiry) when several processes share the callbacks, so a pair seen by one is known
+to all.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
+from redis.asyncio import Redis
+
 from channels.http import ApiError
+from cluster.outage import Outage, RedisUnavailable
+from cluster.redis import Keys
 
 WINDOW_SECONDS = 300.0
 
@@ -49,6 +54,32 @@ class InMemoryNonceStore:
             return known[1]
         self._seen[key] = (now + ttl_s, value)
         return None
+
+
+class RedisNonceStore:
+    """Seen nonces shared by every process. While Redis cannot be reached, each process
+    checks against its own (`InMemoryNonceStore`): a replay then passes only if it lands on
+    another process within the outage (logged by `Outage`)."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._local = InMemoryNonceStore()
+        self.outage = Outage("wechat_nonces")
+
+    async def remember(self, key: str, value: str, ttl_s: float) -> str | None:
+        # Kept locally as well, for an outage to come.
+        seen_here = await self._local.remember(key, value, ttl_s)
+        name = self._keys("wx_nonce", hashlib.sha256(key.encode()).hexdigest())
+        try:
+            before = await self.outage.call(
+                self._redis.set(name, value, nx=True, px=max(1, int(ttl_s * 1000)), get=True)
+            )
+        except RedisUnavailable:
+            return seen_here
+        if before is None:
+            return seen_here  # new to Redis; this process may remember it (Redis restarted)
+        return before.decode() if isinstance(before, bytes) else str(before)
 
 
 class ReplayGuard:

@@ -1,15 +1,18 @@
 """access_token handling: one refresher per account, a lock, refreshed before it expires.
 
-The cache is behind `TokenStore` so that replicas can share tokens through Redis later
-(WeChat allows only a few token fetches a day and a new classic token invalidates the old
-one); in-process is enough while one process serves everything.
+The cache is behind `TokenStore`: in-process while one process serves everything, in Redis
+when several do (redis_tokens.py). WeChat allows only a few token fetches a day and a new
+classic token invalidates the old one, so across processes one fetches at a time
+(`TokenStore.exclusive`) and the others read what it stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,6 +36,15 @@ class TokenStore(Protocol):
 
     async def put(self, key: str, token: Token) -> None: ...
 
+    async def discard(self, key: str, value: str) -> None:
+        """The platform refused `value`: nobody may hand it out any more (if it is stored)."""
+        ...
+
+    def exclusive(self, key: str) -> AbstractAsyncContextManager[None]:
+        """Held while a new token is fetched, so that one fetch runs at a time across all
+        the processes sharing the store."""
+        ...
+
 
 class InProcessTokenStore:
     def __init__(self) -> None:
@@ -43,6 +55,15 @@ class InProcessTokenStore:
 
     async def put(self, key: str, token: Token) -> None:
         self._tokens[key] = token
+
+    async def discard(self, key: str, value: str) -> None:
+        token = self._tokens.get(key)
+        if token is not None and token.value == value:
+            del self._tokens[key]
+
+    def exclusive(self, key: str) -> AbstractAsyncContextManager[None]:
+        # One process: `AccessToken`'s own lock is all there is to hold.
+        return contextlib.nullcontext()
 
 
 # Fetches a token from the platform: (token, expires_in seconds). `force` asks for a new one
@@ -73,19 +94,30 @@ class AccessToken:
             if self._fresh(token):
                 assert token is not None
                 return token.value
-            return await self._renew(force=False)
+            async with self._store.exclusive(self.key):
+                token = await self._store.get(self.key)  # ... or another process
+                if self._fresh(token):
+                    assert token is not None
+                    return token.value
+                return await self._renew(force=False)
 
     async def refresh(self, rejected: str) -> str:
         """The platform rejected `rejected` (expired or invalidated): a token it accepts."""
+        # Out of the store at once: no other caller (or process) is handed it meanwhile.
+        await self._store.discard(self.key, rejected)
         async with self._lock:
             token = await self._store.get(self.key)
             if token is not None and token.value != rejected and self._fresh(token):
                 return token.value  # refreshed meanwhile by another call
-            value = await self._renew(force=False)
-            if value == rejected:
-                # The platform still hands out the token it just refused: ask for a new one.
-                value = await self._renew(force=True)
-            return value
+            async with self._store.exclusive(self.key):
+                token = await self._store.get(self.key)
+                if token is not None and token.value != rejected and self._fresh(token):
+                    return token.value  # ... or by another process
+                value = await self._renew(force=False)
+                if value == rejected:
+                    # The platform still hands out the token it just refused: a new one.
+                    value = await self._renew(force=True)
+                return value
 
     async def _renew(self, *, force: bool) -> str:
         value, expires_in = await self._fetch(force)

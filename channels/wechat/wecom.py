@@ -4,6 +4,8 @@ answers (see wecom_app.py and wecom_bot.py)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import structlog
 from aiohttp import web
 
@@ -22,6 +24,9 @@ from channels.wechat.tokens import InProcessTokenStore, TokenStore
 from channels.wechat.wecom_app import WecomApp
 from channels.wechat.wecom_bot import WecomBot
 
+if TYPE_CHECKING:
+    from cluster.redis import RedisParts
+
 log = structlog.get_logger(__name__)
 
 CHANNEL = "wecom"
@@ -36,6 +41,21 @@ class WecomChannel(WechatChannelBase):
         self.apps = {a.name: WecomApp(a, settings.wecom_api_base_url) for a in settings.wecom_apps}
         self.bots = {b.name: WecomBot(b) for b in settings.wecom_bots}
         self._store: TokenStore = store or InProcessTokenStore()
+
+    def share(self, cluster: RedisParts) -> None:
+        # Tokens fetched once for all processes, per-member limits held across them.
+        from channels.wechat.redis_tokens import RedisTokenStore
+
+        self._store = RedisTokenStore(cluster.state, cluster.keys)
+        for a in self.apps.values():
+            a.share(cluster)
+        if self.bots:
+            # WeCom's polls of a bot's stream may reach any process.
+            from channels.wechat.wecom_streams import SharedStreams
+
+            streams = SharedStreams(cluster, spawn=self.spawn)
+            for b in self.bots.values():
+                b.shared = streams
 
     def register(self, app: web.Application, host: ChannelHost) -> None:
         self._host = host

@@ -3,12 +3,15 @@
 GET  <path>   URL verification: decrypt `echostr` (enterprise crypto) and echo it.
 POST <path>   a member's message or event, always encrypted; stored, then acknowledged with
               an empty body at once. The answer goes out through `message/send` in pieces of
-              at most 2,048 bytes, at most `per_member_per_minute` messages a minute per member.
+              at most 2,048 bytes, at most `per_member_per_minute` messages a minute per member
+              (in this process, or across all of them through Redis once `share`d).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -26,13 +29,17 @@ from channels.wechat.inbound import normalize
 from channels.wechat.runtime import open_wecom_callback, verify_echo
 from channels.wechat.tokens import TokenStore
 from channels.wechat.xmlsafe import safe_xml
+from cluster.limits import Rate, SharedLimits
+from cluster.outage import Outage, RedisUnavailable
 
 if TYPE_CHECKING:
     from channels.wechat.runtime import WechatChannelBase
+    from cluster.redis import RedisParts
 
 log = structlog.get_logger(__name__)
 
 _MAX_LIMITERS = 10_000  # members with a rate-limit state kept in memory
+_BOOK_AHEAD_S = 600.0  # a place further ahead than this is asked for again later
 
 
 class WecomApp:
@@ -48,6 +55,17 @@ class WecomApp:
         self.api_base_url = s.api_base_url or api_base_url
         self._api: WecomApi | None = None
         self._limiters: OrderedDict[str, AsyncLimiter] = OrderedDict()
+        # The limit shared by every process (share()); the local limiters serve while
+        # Redis is down.
+        self._shared: tuple[SharedLimits, Callable[[str], str], Outage] | None = None
+
+    def share(self, cluster: RedisParts) -> None:
+        keys = cluster.keys
+        self._shared = (
+            SharedLimits(cluster.state),
+            lambda user: keys("wecom_member", self.name, user),
+            Outage("wecom_member_limit"),
+        )
 
     def start(self, ch: WechatChannelBase, store: TokenStore) -> None:
         self._api = WecomApi(
@@ -106,8 +124,26 @@ class WecomApp:
         return lim
 
     async def send_one(self, user: str, piece: str) -> str:
+        if self._shared is not None and await self._shared_turn(user):
+            return await self.api.send_text(user, piece)
         async with self._limiter(user):  # waits rather than letting WeCom refuse
             return await self.api.send_text(user, piece)
+
+    async def _shared_turn(self, user: str) -> bool:
+        """Wait for the member's turn in the limit all processes share (a place reserved in
+        one round trip, then waited for); False when Redis cannot be asked (the local
+        limiter decides instead)."""
+        assert self._shared is not None
+        limits, key, outage = self._shared
+        rate = Rate(key(user), self.s.per_member_per_minute, 60.0)
+        while True:
+            try:
+                got = await outage.call(limits.admit([(rate, 1)], max_wait=_BOOK_AHEAD_S))
+            except RedisUnavailable:
+                return False
+            await asyncio.sleep(got.wait)  # admitted: our place; refused: a backlog, later
+            if got.admitted:
+                return True
 
     async def send_text(self, user: str, text: str, ids: list[str] | None = None) -> Delivery:
         return await send_pieces(lambda piece: self.send_one(user, piece), text, sent=ids)

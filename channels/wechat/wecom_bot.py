@@ -5,8 +5,9 @@ while the bot writes); WeCom polls the stream (`msgtype: stream`) about once a s
 shows its growing text until a reply says `finish: true`. WeCom stops polling 6 minutes
 after the message: an answer not done by `stream_ttl_seconds` closes the stream with
 `holding_text` and goes out through the message's one-time `response_url` when ready.
-The text of each stream lives in memory, keyed by stream id; a poll for a stream this
-process does not know (after a restart) is answered from the stored answer.
+The text of each stream lives in memory, keyed by stream id (with several processes, in
+Redis: see wecom_streams.py); a poll for a stream nobody knows (after a restart) is answered
+from the stored answer.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from channels.wechat.xmlsafe import read_limited
 
 if TYPE_CHECKING:
     from channels.wechat.runtime import WechatChannelBase
+    from channels.wechat.wecom_streams import SharedStreams
 
 log = structlog.get_logger(__name__)
 
@@ -88,6 +90,8 @@ class WecomBot:
         self.streams: dict[str, _Stream] = {}
         self._urls: dict[str, tuple[str, float]] = {}  # chat -> latest unused response_url
         self._used_urls: set[str] = set()
+        # Several processes (queue.backend: redis): streams live in Redis, see share().
+        self.shared: SharedStreams | None = None
 
     # -- crypto ------------------------------------------------------------------------------
 
@@ -136,7 +140,13 @@ class WecomBot:
         url = msg.get("response_url")
         if isinstance(url, str) and url and not result.duplicate:
             self._urls[inbound.chat_id] = (url, time.monotonic())
+            if self.shared is not None:  # an agent's message may be sent by another process
+                await self.shared.remember_url(self, inbound.chat_id, url)
         sid = stream_id(result.message_id, result.conversation_id, result.seq)
+        if action == "answer" and self.shared is not None:
+            own_url = url if isinstance(url, str) else ""
+            reply = await self.shared.callback(self, sid, own_url, self.s.passive_budget_seconds)
+            return self._encrypted(reply, reply_nonce)
         if action == "answer":
             stream = self._stream(sid, result.message_id, result.conversation_id, inbound.chat_id)
             if isinstance(url, str) and url and stream.response_url is None:
@@ -248,6 +258,10 @@ class WecomBot:
     async def _poll(self, ch: WechatChannelBase, msg: dict[str, Any]) -> dict[str, Any]:
         polled = msg.get("stream")
         sid = str(polled.get("id") or "") if isinstance(polled, dict) else ""
+        if self.shared is not None and sid:
+            shown = await self.shared.view(self, sid)
+            if shown is not None:
+                return shown
         stream = self.streams.get(sid) or await self._recover(ch, sid)
         if stream is None:
             return _stream_payload(sid, True, "")  # unknown stream: stop polling
@@ -278,12 +292,20 @@ class WecomBot:
             log.info("wecom_stream_closed_early", account=self.name, stream=stream.id)
         if stream.final is not None and not stream.closed:
             stream.fetched = True
-            return _stream_payload(stream.id, True, _first(stream.final))
-        if stream.closed:
-            shown = stream.content.rstrip()
+        return self.stream_view(stream.id, stream.content, stream.final, stream.closed)
+
+    def stream_view(
+        self, sid: str, content: str, final: str | None, closed: bool
+    ) -> dict[str, Any]:
+        """What a poll shows: the answer when done, the holding text when the stream was
+        closed before it, else the text so far."""
+        if final is not None and not closed:
+            return _stream_payload(sid, True, _first(final))
+        if closed:
+            shown = content.rstrip()
             text = f"{shown}\n\n{self.s.holding_text}" if shown else self.s.holding_text
-            return _stream_payload(stream.id, True, _first(text))
-        return _stream_payload(stream.id, False, _first(stream.content))
+            return _stream_payload(sid, True, _first(text))
+        return _stream_payload(sid, False, _first(content))
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -299,6 +321,35 @@ class WecomBot:
             return None
         self._used_urls.add(entry[0])
         return entry[0]
+
+    async def take_any_url(self, chat_id: str, preferred: str | None = None) -> str | None:
+        """`take_url`, among all processes when they share (each URL works once)."""
+        if self.shared is not None:
+            taken = await self.shared.take_url(self, chat_id, preferred)
+            if taken is not False:
+                return taken
+        return self.take_url(chat_id, preferred)  # (also while Redis is unreachable)
+
+    async def after_stream(
+        self,
+        ch: WechatChannelBase,
+        sid: str,
+        chat_id: str,
+        url: str | None,
+        final_text: str,
+        shown: bool,
+    ) -> Delivery:
+        """Deliver what the stream does not show: the rest of a long answer, or all of it
+        when the stream was closed first — through the message's response_url."""
+        if shown:
+            rest = split_text(final_text, STREAM_MAX_BYTES)[1:]
+            if not rest:
+                return Delivery(platform_message_ids=[sid])
+            # Longer than a stream shows: the rest through the message's response_url.
+            d = await self.post(ch, await self.take_any_url(chat_id, url), "".join(rest))
+            d.platform_message_ids = [sid, *d.platform_message_ids]
+            return d
+        return await self.post(ch, await self.take_any_url(chat_id, url), final_text)
 
     async def post(self, ch: WechatChannelBase, url: str | None, text: str) -> Delivery:
         if url is None:
@@ -323,12 +374,14 @@ class WecomBot:
             ch.name, self.name, conversation.chat_id, text, STREAM_MAX_BYTES
         ):
             return Delivery(platform_message_ids=["passive"])
-        return await self.post(ch, self.take_url(conversation.chat_id), text)
+        return await self.post(ch, await self.take_any_url(conversation.chat_id), text)
 
     def open_reply(
         self, ch: WechatChannelBase, conversation: ConversationRef, inbound: StoredMessage
     ) -> ReplySink:
         sid = stream_id(inbound.id, conversation.id, inbound.seq)
+        if self.shared is not None:
+            return self.shared.sink(self, ch, sid, conversation.chat_id)
         stream = self._stream(sid, inbound.id, conversation.id, conversation.chat_id)
         return _BotSink(self, ch, stream)
 
@@ -348,20 +401,15 @@ class _BotSink(ReplySink):
         s = self._stream
         if not may_send():
             return Delivery(ok=False, detail="a person took the conversation over")
-        if not s.closed and time.monotonic() < s.expires:
+        shown = not s.closed and time.monotonic() < s.expires
+        if shown:
             s.final = final_text
             s.ready.set()
-            rest = split_text(final_text, STREAM_MAX_BYTES)[1:]
-            if not rest:
-                return Delivery(platform_message_ids=[s.id])
-            # Longer than a stream shows: the rest through the message's response_url.
-            url = self._bot.take_url(s.chat_id, s.response_url)
-            d = await self._bot.post(self._ch, url, "".join(rest))
-            d.platform_message_ids = [s.id, *d.platform_message_ids]
-            return d
-        s.closed = True
-        url = self._bot.take_url(s.chat_id, s.response_url)
-        return await self._bot.post(self._ch, url, final_text)
+        else:
+            s.closed = True
+        return await self._bot.after_stream(
+            self._ch, s.id, s.chat_id, s.response_url, final_text, shown
+        )
 
     async def fail(self, reason: str) -> None:
         s = self._stream

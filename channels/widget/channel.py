@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import WSCloseCode, web
@@ -43,11 +43,14 @@ from channels.widget import metrics
 from channels.widget.assets import Assets
 from channels.widget.config import WidgetSettings
 from channels.widget.identity import Visitor, resolve_identity, sign, valid_token, visitor_id
-from channels.widget.limits import ConnectionCounter, KeyedBuckets, client_ip
+from channels.widget.limits import WidgetLimits, client_ip
 from channels.widget.protocol import ProtocolError, Send, dumps, parse_send
 from channels.widget.sites import Site, Sites, cors_headers
 from channels.widget.socket import SocketSession
 from channels.widget.uploads import FILES_PATH, Uploads
+
+if TYPE_CHECKING:
+    from cluster.redis import RedisParts
 
 log = structlog.get_logger(__name__)
 
@@ -69,13 +72,7 @@ class WidgetChannel(Channel):
         att = settings.attachments
         self.uploads = Uploads(att.dir, att.max_bytes, list(att.types))
         self.assets = Assets(self._demo_site(), self._demo_visitor())
-        rl = settings.rate_limits
-        self.visitor_limits = KeyedBuckets(rl.visitor_messages_per_minute)
-        self.ip_limits = KeyedBuckets(rl.ip_messages_per_minute)
-        self.connections = ConnectionCounter(rl.ip_connections)
-        day = 24 * 3600.0
-        self.visitor_bytes = KeyedBuckets(att.visitor_bytes_per_day, period_s=day)
-        self.site_bytes = KeyedBuckets(att.site_bytes_per_day, period_s=day)
+        self.limits = WidgetLimits(settings.rate_limits, att)
         self._sweeper: asyncio.Task[None] | None = None
         self.sessions: set[SocketSession] = set()
         self.closing = False
@@ -111,6 +108,13 @@ class WidgetChannel(Channel):
             r.add_get("/", self.assets.handler("demo.html", cache="no-cache"))
         app.on_shutdown.append(self._on_shutdown)
 
+    def share(self, cluster: RedisParts) -> None:
+        from channels.widget.shared_limits import SharedWidgetLimits
+
+        self.limits = SharedWidgetLimits(
+            self.settings.rate_limits, self.settings.attachments, cluster
+        )
+
     def open_reply(self, conversation: ConversationRef, inbound: StoredMessage) -> ReplySink:
         # Pages read deltas and finals from the event bus; nothing else to push.
         return NullSink()
@@ -121,6 +125,7 @@ class WidgetChannel(Channel):
 
     async def start(self) -> None:
         await self.assets.load()
+        await self.limits.start()
         if self.settings.attachments.enabled:
             self._sweeper = asyncio.create_task(self._sweep_orphans(), name="widget-orphans")
         js, css = self.assets.sizes()["widget.js"], self.assets.sizes()["widget.css"]
@@ -149,6 +154,7 @@ class WidgetChannel(Channel):
 
     async def _on_shutdown(self, app: web.Application | None) -> None:
         self.closing = True
+        await self.limits.close()
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None:
             sweeper.cancel()
@@ -205,9 +211,7 @@ class WidgetChannel(Channel):
 
     async def accept(self, visitor: Visitor, send: Send) -> dict[str, Any]:
         """Store a visitor's message (rate limits, attachments checked) and say so."""
-        wait = max(
-            self.visitor_limits.retry_after(visitor.id), self.ip_limits.retry_after(visitor.ip)
-        )
+        wait = await self.limits.message_wait(visitor.id, visitor.ip)
         if wait > 0:
             raise ProtocolError(
                 "rate_limited",
@@ -233,8 +237,7 @@ class WidgetChannel(Channel):
             attachments.append(found)
         for found in attachments:
             await self.uploads.attach(found["id"])
-        self.visitor_limits.take(visitor.id)
-        self.ip_limits.take(visitor.ip)
+        await self.limits.message_taken(visitor.id, visitor.ip)
         ident = visitor.identity
         result = await self.host.ingest(
             InboundMessage(
@@ -318,7 +321,7 @@ class WidgetChannel(Channel):
         return ApiError(
             429,
             "too_many_connections",
-            f"at most {self.connections.per_ip} open chats per address; close some tabs",
+            f"at most {self.limits.per_ip} open chats per address; close some tabs",
         )
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
@@ -333,7 +336,8 @@ class WidgetChannel(Channel):
                 f"connect with a WebSocket, or use {API}/events (Server-Sent Events)",
             )
         ip = self._ip(request)
-        if not self.connections.acquire(ip):
+        seat = await self.limits.connect(ip)
+        if seat is None:
             raise self._too_many_connections()
         try:
             await ws.prepare(request)
@@ -349,7 +353,7 @@ class WidgetChannel(Channel):
                     with contextlib.suppress(ConnectionError):
                         await ws.close()
         finally:
-            self.connections.release(ip)
+            await self.limits.disconnect(seat)
         return ws
 
     async def events(self, request: web.Request) -> web.StreamResponse:
@@ -372,7 +376,8 @@ class WidgetChannel(Channel):
         token = resume_token(request)
         base = await self.history_base(conv_id) if token is None else 0
         cursor = StreamCursor.parse(token, base)
-        if not self.connections.acquire(visitor.ip):
+        seat = await self.limits.connect(visitor.ip)
+        if seat is None:
             raise self._too_many_connections()
         ready = dumps(
             {
@@ -394,7 +399,7 @@ class WidgetChannel(Channel):
             )
         finally:
             metrics.CONNECTIONS.labels("sse").dec()
-            self.connections.release(visitor.ip)
+            await self.limits.disconnect(seat)
 
     async def post_message(self, request: web.Request) -> web.Response:
         site = self.sites.resolve(request)
@@ -409,7 +414,7 @@ class WidgetChannel(Channel):
         if not self.settings.attachments.enabled:
             raise ApiError(403, "attachments_disabled", "this site does not take attachments")
         visitor = self.visitor(site, request.headers.get("X-Widget-Token"), None, self._ip(request))
-        wait = self.ip_limits.retry_after(visitor.ip)
+        wait = await self.limits.upload_wait(visitor.ip)
         if wait > 0:
             raise ProtocolError(
                 "rate_limited",
@@ -418,12 +423,10 @@ class WidgetChannel(Channel):
                 retry_after=wait,
             )
         # What the visitor's and the site's daily upload quotas have left.
-        keys = ((self.visitor_bytes, visitor.id), (self.site_bytes, site.key))
-        room = min(b.available(k) for b, k in keys)
-        self.ip_limits.take(visitor.ip)
+        room = await self.limits.upload_room(visitor.id, site.key)
+        await self.limits.upload_taken(visitor.ip)
         stored = await self.uploads.receive(request, max_bytes=max(room, 0))
-        for bucket, key in keys:
-            bucket.take(key, amount=stored["size"])
+        await self.limits.uploaded(visitor.id, site.key, stored["size"])
         log.info("widget_upload", site=site.key, id=stored["id"], size=stored["size"])
         return web.json_response(stored, status=201, dumps=dumps)
 

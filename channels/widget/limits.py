@@ -1,14 +1,17 @@
-"""In-process rate limits of the widget: token buckets per visitor and per IP address, and a
-cap on open connections per IP. (Scale-out keeps such counters in Redis; one process keeps
-them here.)"""
+"""Rate limits of the widget: token buckets per visitor and per IP address, daily upload
+quotas, and a cap on open connections per IP. `WidgetLimits` holds them in this process;
+with several processes `SharedWidgetLimits` (shared_limits.py) holds them in Redis."""
 
 from __future__ import annotations
 
 import ipaddress
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 from aiohttp import web
+
+from channels.widget.config import AttachmentSettings, RateLimitSettings
 
 
 class KeyedBuckets:
@@ -71,6 +74,66 @@ class ConnectionCounter:
     @property
     def total(self) -> int:
         return sum(self._open.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Seat:
+    """One open connection counted against its address (released when it closes)."""
+
+    ip: str
+    claim: str | None = None  # its claim in Redis; None: counted in this process
+
+
+class WidgetLimits:
+    """The widget's limits in this process. The channel asks `*_wait` before it accepts
+    something and tells `*_taken` once it did (a refused message costs nothing)."""
+
+    def __init__(self, rl: RateLimitSettings, att: AttachmentSettings) -> None:
+        self.visitor = KeyedBuckets(rl.visitor_messages_per_minute)
+        self.ip = KeyedBuckets(rl.ip_messages_per_minute)
+        self.connections = ConnectionCounter(rl.ip_connections)
+        day = 24 * 3600.0
+        self.visitor_bytes = KeyedBuckets(att.visitor_bytes_per_day, period_s=day)
+        self.site_bytes = KeyedBuckets(att.site_bytes_per_day, period_s=day)
+
+    @property
+    def per_ip(self) -> int:
+        return self.connections.per_ip
+
+    async def message_wait(self, visitor: str, ip: str) -> float:
+        """0.0 if the visitor may send a message now, else the seconds to wait."""
+        return max(self.visitor.retry_after(visitor), self.ip.retry_after(ip))
+
+    async def message_taken(self, visitor: str, ip: str) -> None:
+        self.visitor.take(visitor)
+        self.ip.take(ip)
+
+    async def upload_wait(self, ip: str) -> float:
+        return self.ip.retry_after(ip)
+
+    async def upload_taken(self, ip: str) -> None:
+        self.ip.take(ip)
+
+    async def upload_room(self, visitor: str, site: str) -> int:
+        """Bytes the visitor's and the site's daily upload quotas have left."""
+        return min(self.visitor_bytes.available(visitor), self.site_bytes.available(site))
+
+    async def uploaded(self, visitor: str, site: str, size: int) -> None:
+        self.visitor_bytes.take(visitor, amount=size)
+        self.site_bytes.take(site, amount=size)
+
+    async def connect(self, ip: str) -> Seat | None:
+        """A seat for one more open connection from `ip`, or None at the cap."""
+        return Seat(ip) if self.connections.acquire(ip) else None
+
+    async def disconnect(self, seat: Seat) -> None:
+        self.connections.release(seat.ip)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
 
 def client_ip(request: web.Request, trust_forwarded_for: bool, proxy_hops: int = 1) -> str:
