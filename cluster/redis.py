@@ -80,3 +80,13 @@ class RedisParts:
     async def aclose(self) -> None:
         for r in {id(c): c for c in (self.queue, self.bus, self.state)}.values():
             await r.aclose()
+
+
+async def delete_prefix(url: str, prefix: str) -> None:
+    """Delete every key under `prefix` (a throw-away prefix of a test or a benchmark run)."""
+    r = Redis.from_url(url)
+    try:
+        async for key in r.scan_iter(match=f"{prefix}:*", count=1000):
+            await r.delete(key)
+    finally:
+        await r.aclose()

@@ -15,11 +15,9 @@ from redis.asyncio import Redis
 
 from cluster.redis import LUA_NOW_MS
 
-_NOW = LUA_NOW_MS
-
 # KEYS[1]: the key's claims. ARGV: cap, lease (ms), the new claim. Lapsed claims go first.
 _CLAIM = (
-    _NOW
+    LUA_NOW_MS
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
@@ -31,7 +29,7 @@ return 1
 
 # KEYS: claim sets; ARGV[1]: lease (ms), then the claim in each key. Renews (or puts back).
 _RENEW = (
-    _NOW
+    LUA_NOW_MS
     + """
 local lease = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do

@@ -13,12 +13,10 @@ from redis.asyncio import Redis
 
 from cluster.redis import LUA_NOW_MS
 
-_NOW = LUA_NOW_MS
-
 # KEYS: the windows. ARGV: per key its limit and window (ms). Returns the longest wait (ms)
 # until every key is under its limit again (0: none is at it).
 _WAIT = (
-    _NOW
+    LUA_NOW_MS
     + """
 local worst = 0
 for i, key in ipairs(KEYS) do
@@ -38,7 +36,7 @@ return math.ceil(worst)
 
 # KEYS: the windows. ARGV: the window (ms), a tag making this event's member unique.
 _ADD = (
-    _NOW
+    LUA_NOW_MS
     + """
 for i, key in ipairs(KEYS) do
   redis.call('ZADD', key, now, ARGV[2] .. ':' .. i)

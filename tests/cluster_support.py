@@ -36,7 +36,7 @@ from simulator.config import SimulatorConfig
 from simulator.fakes.telegram_api import FakeBotApi, UpdateFactory
 from simulator.fakes.wechat_api import FakeWechatApi, OfficialAccountClient, text_xml
 from simulator.server import Simulator
-from tests.conftest import PG_ADMIN_DSN, create_pg_database, drop_pg_database
+from tests.conftest import PG_ADMIN_DSN, create_pg_database, drop_pg_database, simulator_models
 from tests.support import API_KEY, SseEvent, eventually, sse_events
 from tests.widget_support import WidgetSocket
 
@@ -90,18 +90,7 @@ def service_config(
             "sweep_seconds": 1.0,
             **queue,
         },
-        "providers": [
-            {
-                "name": "sim",
-                "base_url": sim_url,
-                "first_token_timeout_seconds": 5,
-                "models": [
-                    {"name": "sim-a", "input_price_per_mtok": 1.0, "output_price_per_mtok": 2.0},
-                    {"name": "sim-b", "input_price_per_mtok": 3.0, "output_price_per_mtok": 6.0},
-                ],
-            }
-        ],
-        "tiers": {"cheap": ["sim/sim-a", "sim/sim-b"], "premium": ["sim/sim-a", "sim/sim-b"]},
+        **simulator_models(sim_url),
         "reply": {"turn_deadline_seconds": 15},
         # One specialist, no LLM routing, no demo shop (whose documents every process would
         # index at start): one model call per answer keeps the processes quick to start and

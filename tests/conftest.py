@@ -87,11 +87,9 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'swarmdesk.db'}"
 
 
-def make_settings(db: str, sim_url: str, **overrides: Any) -> Settings:
-    """Service settings with two simulator-backed models in the cheap chain."""
-    data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_seconds": 5},
-        "database": {"url": db},
+def simulator_models(sim_url: str) -> dict[str, Any]:
+    """`providers` and `tiers`: two simulator-backed models in both chains."""
+    return {
         "providers": [
             {
                 "name": "sim",
@@ -105,6 +103,15 @@ def make_settings(db: str, sim_url: str, **overrides: Any) -> Settings:
         ],
         # Both chains two deep, so every turn can fall back whatever tier routing picks.
         "tiers": {"cheap": ["sim/sim-a", "sim/sim-b"], "premium": ["sim/sim-a", "sim/sim-b"]},
+    }
+
+
+def make_settings(db: str, sim_url: str, **overrides: Any) -> Settings:
+    """Service settings with two simulator-backed models in the cheap chain."""
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_seconds": 5},
+        "database": {"url": db},
+        **simulator_models(sim_url),
         "reply": {"turn_deadline_seconds": 15},
         # Naming a provider makes this a real deployment: the tests keep the demo's parts.
         "demo": {"allow": ["demo_shop", "demo_tools", "demo_site", "builtin_faq"]},

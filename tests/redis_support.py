@@ -15,20 +15,13 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from cluster.redis import delete_prefix as delete_prefix
+
 REDIS_URL = os.environ.get("SWARMDESK_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
 def fresh_prefix() -> str:
     return f"sdtest-{uuid.uuid4().hex[:10]}"
-
-
-async def delete_prefix(url: str, prefix: str) -> None:
-    r = Redis.from_url(url)
-    try:
-        async for key in r.scan_iter(match=f"{prefix}:*", count=1000):
-            await r.delete(key)
-    finally:
-        await r.aclose()
 
 
 def free_port() -> int:

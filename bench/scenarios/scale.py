@@ -44,6 +44,7 @@ from bench import (
 )
 from bench.arrivals import arrival_offsets
 from bench.http_client import http_client
+from cluster.redis import delete_prefix
 
 NAME = "scale"
 HELP = "1 process (memory) vs 1 and 2 processes (redis + PostgreSQL): throughput, latency, CPU"
@@ -119,18 +120,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 @contextlib.asynccontextmanager
 async def _redis_prefix(url: str) -> AsyncIterator[str]:
     """A fresh key prefix, its keys deleted afterwards."""
-    from redis.asyncio import Redis
-
     prefix = f"bench-{secrets.token_hex(4)}"
     try:
         yield prefix
     finally:
-        r = Redis.from_url(url)
-        try:
-            async for key in r.scan_iter(match=f"{prefix}:*", count=1000):
-                await r.delete(key)
-        finally:
-            await r.aclose()
+        await delete_prefix(url, prefix)
 
 
 def _server_processes(name: str, among: str = "") -> list[psutil.Process]:

@@ -175,7 +175,6 @@ class RedisQueue:
         self._stopping = False
         self._renew = self._r.register_script(_RENEW)
         self._release = self._r.register_script(_RELEASE)
-        self._wake = asyncio.Event()
 
     # -- the WorkQueue interface ------------------------------------------------------------
 
@@ -295,11 +294,7 @@ class RedisQueue:
                 log.warning("queue_redis_unreachable", error=repr(e))
             except Exception:
                 log.exception("queue_lease_loop_failed")
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._renew_every)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            await asyncio.sleep(self._renew_every)
 
     async def _check_partition_count(self) -> None:
         """Processes that split conversations differently would both answer some: refuse."""
@@ -406,7 +401,6 @@ class RedisQueue:
                 if (lease := self._held.get(p)) is not None:
                     lease.ready.set()
         self._reading.update(p for p in got if p in self._held)
-        self._wake_reader()
 
     async def _give_back(self, extra: int) -> None:
         """More than our share (another process joined): stop reading the partitions with
@@ -452,9 +446,6 @@ class RedisQueue:
         metrics.PARTITIONS_HELD.set(0)
 
     # -- reading the streams ---------------------------------------------------------------
-
-    def _wake_reader(self) -> None:
-        self._wake.set()
 
     async def _read_pending(self, partitions: list[int]) -> None:
         """Entries the last holder read and never acknowledged."""

@@ -39,11 +39,10 @@ READY_WAIT_S = 0.2  # how long a request waits for this process's mailbox to sub
 _RETAIN = str(int(RETAIN_S))
 
 # Redis server time in ms: one clock for every process's deadlines.
-_NOW = LUA_NOW_MS
 
 # KEYS: hash. ARGV: token, process, budget ms, retain s, mailbox prefix.
 _REGISTER = (
-    _NOW
+    LUA_NOW_MS
     + """
 local phase = redis.call('HGET', KEYS[1], 'phase') or 'writing'
 local result
@@ -98,7 +97,7 @@ return 1
 
 # KEYS: hash. ARGV: text, retain s, mailbox prefix.
 _CLAIM = (
-    _NOW
+    LUA_NOW_MS
     + """
 local h = redis.call('HMGET', KEYS[1], 'phase', 'waiter', 'wproc', 'until')
 local phase = h[1] or 'writing'
@@ -144,7 +143,7 @@ return 1
 
 # KEYS: hash. Milliseconds left of the open window, -1 if none is open.
 _WINDOW_LEFT = (
-    _NOW
+    LUA_NOW_MS
     + """
 local h = redis.call('HMGET', KEYS[1], 'phase', 'waiter', 'until')
 if (h[1] and h[1] ~= 'writing') or not h[2] then return -1 end

@@ -42,11 +42,10 @@ FLUSH_S = 0.25  # the writer's text reaches Redis at most this late
 RETAIN_AFTER_S = 120  # a stream's hash outlives its deadline by this much
 READY_WAIT_S = 0.2  # how long a callback waits for this process's mailbox to subscribe
 
-_NOW = LUA_NOW_MS
 
 # KEYS: hash. ARGV: ttl ms, retain s, response_url, waiter token, process. 1: already done.
 _OPEN = (
-    _NOW
+    LUA_NOW_MS
     + """
 redis.call('HSETNX', KEYS[1], 'exp', now + tonumber(ARGV[1]))
 if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], 'url', ARGV[3]) end
@@ -63,7 +62,7 @@ return 0
 
 # KEYS: hash. ARGV: text so far, ttl ms, retain s.
 _WRITE = (
-    _NOW
+    LUA_NOW_MS
     + """
 redis.call('HSETNX', KEYS[1], 'exp', now + tonumber(ARGV[2]))
 local h = redis.call('HMGET', KEYS[1], 'final', 'closed')
@@ -76,7 +75,7 @@ return 1
 # KEYS: hash. ARGV: final text, text so far, ttl ms, retain s, mailbox prefix.
 # {1 shown in the stream | 0 closed first, response_url}
 _FINISH = (
-    _NOW
+    LUA_NOW_MS
     + """
 redis.call('HSETNX', KEYS[1], 'exp', now + tonumber(ARGV[3]))
 local h = redis.call('HMGET', KEYS[1], 'exp', 'closed', 'url', 'wtok', 'wproc')
@@ -95,7 +94,7 @@ return {shown, h[3] or ''}
 
 # KEYS: hash. ARGV: text so far, ttl ms, retain s, mailbox prefix. The stream ends on it.
 _FAIL = (
-    _NOW
+    LUA_NOW_MS
     + """
 redis.call('HSETNX', KEYS[1], 'exp', now + tonumber(ARGV[2]))
 local h = redis.call('HMGET', KEYS[1], 'final', 'wtok', 'wproc')
@@ -110,7 +109,7 @@ return 1
 
 # KEYS: hash. nil if unknown, else {content, has final, final, closed, closed now}.
 _VIEW = (
-    _NOW
+    LUA_NOW_MS
     + """
 local h = redis.call('HMGET', KEYS[1], 'exp', 'content', 'final', 'closed')
 if not h[1] then return false end
