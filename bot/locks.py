@@ -7,12 +7,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Hashable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 
+@dataclass(slots=True)
+class HeldLock:
+    """A lock held in Redis (its key and this holder's token), which the work queue may free
+    together with queueing the message (`released` then)."""
+
+    name: str
+    token: str
+    released: bool = False
+
+
 class LockStore(Protocol):
-    def hold(self, key: Hashable) -> AbstractAsyncContextManager[None]:
-        """Hold the lock of `key` for the `async with` block."""
+    def hold(self, key: Hashable) -> AbstractAsyncContextManager[HeldLock | None]:
+        """Hold the lock of `key` for the `async with` block (a Redis lock: as a `HeldLock`;
+        None in one process, or when it could not be had)."""
         ...
 
 
@@ -23,12 +35,12 @@ class KeyedLocks:
         self._locks: dict[Hashable, tuple[asyncio.Lock, list[int]]] = {}
 
     @asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+    async def hold(self, key: Hashable) -> AsyncIterator[HeldLock | None]:
         lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
         users[0] += 1
         try:
             async with lock:
-                yield
+                yield None
         finally:
             users[0] -= 1
             if users[0] == 0:

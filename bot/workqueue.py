@@ -15,6 +15,7 @@ from typing import Protocol
 
 import structlog
 
+from bot.locks import HeldLock
 from storage.fences import Fence
 
 log = structlog.get_logger(__name__)
@@ -45,7 +46,12 @@ WORK_LEASE: ContextVar[Lease | None] = ContextVar("work_lease", default=None)
 class WorkQueue(Protocol):
     def start(self, handler: Handler) -> None: ...
 
-    async def put(self, conversation_id: int, message_id: int) -> None: ...
+    async def put(
+        self, conversation_id: int, message_id: int, unlock: HeldLock | None = None
+    ) -> None:
+        """Queue a stored message; `unlock`: the chat's lock ingest holds, which the queue
+        may free together with queueing it."""
+        ...
 
     async def drain(self, grace_s: float) -> bool:
         """Stop taking new work, wait for what is running; False if time ran out."""
@@ -70,7 +76,9 @@ class InProcessQueue:
     def start(self, handler: Handler) -> None:
         self._handler = handler
 
-    async def put(self, conversation_id: int, message_id: int) -> None:
+    async def put(
+        self, conversation_id: int, message_id: int, unlock: HeldLock | None = None
+    ) -> None:
         if not self._accepting:
             return  # shutting down: the message is stored and will be recovered at start
         q = self._queues.setdefault(conversation_id, deque())

@@ -312,9 +312,7 @@ class KnowledgeBase:
         except EmbeddingsError as e:
             log.warning("knowledge_embeddings_failed", error=str(e))
             return chunks
-        return [
-            dataclasses.replace(c, embedding=v) for c, v in zip(chunks, vectors, strict=True)
-        ]
+        return [dataclasses.replace(c, embedding=v) for c, v in zip(chunks, vectors, strict=True)]
 
     async def add_many(
         self,

@@ -84,11 +84,17 @@ def begin_answer(
     message_id: int,
     history_limit: int,
     with_inbound: bool,
+    fence: Fence | None = None,
 ) -> Answering | NotAnswering:
     """Check the inbound message still waits for an answer and the bot owns the
     conversation; load the history up to it (`history_limit` messages with it); reserve
     the answer's seq (STREAMING), or take the reservation made when it was stored. The
-    contact's attributes come along, the whole inbound row `with_inbound`."""
+    contact's attributes come along, the whole inbound row `with_inbound`. `fence`: the
+    work partition's token the turn runs under (raises FenceLost if another process took
+    the partition: a process that does not know yet must not take a seq for an answer the
+    new holder gives after the answers to earlier messages)."""
+    if fence is not None:
+        fences.check(conn, fence)
     rows = history(conn, conversation_id, message_id, history_limit)
     if not rows or rows[0][0] != message_id or rows[0][5] != MessageStatus.RECEIVED.value:
         return NotAnswering()  # answered already (a recovered duplicate of the queue entry)

@@ -41,10 +41,14 @@ def delta(seq: int, index: int) -> ConversationEvent:
 
 
 @contextlib.asynccontextmanager
-async def two_hubs(url: str, prefix: str) -> AsyncIterator[tuple[RedisHub, RedisHub]]:
-    """Two processes' buses: each its own connections and process name."""
+async def two_hubs(
+    url: str, prefix: str, **options: Any
+) -> AsyncIterator[tuple[RedisHub, RedisHub]]:
+    """Two processes' buses: each its own connections and process name. (Just started, a
+    bus publishes everything for a moment — `grace_s` — so most tests see every event at
+    once; `grace_s=0` shows publishing to announced followers only.)"""
     parts = [RedisParts.connect(url, url, url, prefix) for _ in range(2)]
-    hubs = [RedisHub(p, retry_s=0.1) for p in parts]
+    hubs = [RedisHub(p, retry_s=0.1, **options) for p in parts]
     for h in hubs:
         await h.start()
     try:
@@ -75,7 +79,10 @@ async def test_a_stream_on_b_gets_the_answer_streamed_on_a_in_order_once(
     answer = [ev("typing", 3), *(delta(3, i) for i in range(40)), ev("final", 3, text="all")]
     for e in answer:
         a.publish(e)
-    got = await take(on_b, len(answer))
+    # (A may send what it published again when it hears that B follows: clients' cursors
+    # drop what they have.)
+    cursor = StreamCursor(watermark=2)
+    got = [e for e in await _until_final(on_b) if cursor.admit(e)]
     assert [(e.type, e.seq, e.index, e.data) for e in got] == [
         (e.type, e.seq, e.index, e.data) for e in answer
     ]
@@ -87,7 +94,10 @@ async def test_a_stream_on_b_gets_the_answer_streamed_on_a_in_order_once(
     b.publish(ev("message", 4, text="thanks"))
     assert (await take(seen_on_a, 1))[0].seq == 4
     a.publish(ev("message", 5, text="welcome"))
-    assert [e.seq for e in await take(on_b, 2)] == [4, 5]
+    later: list[ConversationEvent] = []
+    while not later or later[-1].seq != 5:
+        later += [e for e in await take(on_b, 1) if cursor.admit(e)]
+    assert [e.seq for e in later] == [4, 5]
     # A process that no longer holds a client of the conversation stops receiving it.
     on_b.close()
     redis = Redis.from_url(REDIS_URL)
@@ -120,30 +130,34 @@ async def test_a_client_connecting_on_b_mid_answer_gets_the_text_so_far(
     a.publish(ev("typing", 9))
     for i in range(5):
         a.publish(delta(9, i))
+    await _follow_answer(a, b, seq=9, then=range(5, 8))
+    # The answer is over: nobody connecting later gets its pieces again.
+    assert await eventually(lambda: _gone(b), timeout=10)
 
-    async def text_so_far_on_b() -> bool:
-        now = await b.answer_so_far(CID)
-        return now is not None and len(now[1]) == 5
 
-    await eventually(text_so_far_on_b, timeout=10)
-    stream = follow(_History(b), CID, StreamCursor(watermark=8))  # type: ignore[arg-type]
+async def _follow_answer(
+    a: RedisHub, b: RedisHub, *, seq: int, then: range, watermark: int | None = None
+) -> list[ConversationEvent]:
+    """Follow the conversation on B as a client does (`follow`, no stored history); once the
+    text so far came, A streams `then` and ends the answer. Checks B got the whole text once."""
+    cursor = StreamCursor(watermark=seq - 1 if watermark is None else watermark)
+    stream = follow(_History(b), CID, cursor)  # type: ignore[arg-type]
     got: list[ConversationEvent] = []
     async with contextlib.aclosing(stream):
         async for e in stream:
             assert e is not None
             got.append(e)
-            if len(got) == 5:  # the text so far is there; the answer goes on
-                for i in range(5, 8):
-                    a.publish(delta(9, i))
-                a.publish(ev("final", 9, text="done"))
-            if e.type == "final":
+            if e.type == "delta" and e.index == then.start - 1:
+                for i in then:
+                    a.publish(delta(seq, i))
+                a.publish(ev("final", seq, text="done"))
+            if e.type == "final" and e.seq == seq:
                 break
-    assert [e.index for e in got if e.type == "delta"] == list(range(8)), "no gap, no repeat"
+    assert [e.index for e in got if e.type == "delta"] == list(range(then.stop)), "no gap"
     assert "".join(e.data["text"] for e in got if e.type == "delta") == "".join(
-        f"t{i} " for i in range(8)
+        f"t{i} " for i in range(then.stop)
     )
-    # The answer is over: nobody connecting later gets its pieces again.
-    assert await eventually(lambda: _gone(b), timeout=10)
+    return got
 
 
 async def _gone(hub: RedisHub) -> bool:
@@ -164,6 +178,112 @@ async def test_the_console_on_b_sees_a_stored_messages_and_owner_changes_not_del
     got = await take(console, 4)
     assert [e.type for e in got] == ["message", "final", "owner", "note"]
     assert got[2].data == {"conversation_id": CID, "owner": "human", "action": "claim"}
+
+
+# -- publishing to followers only (no grace: what a process does once it knows the others) --
+
+
+@pytest.fixture
+async def known(redis_prefix: str) -> AsyncIterator[tuple[RedisHub, RedisHub]]:
+    async with two_hubs(REDIS_URL, redis_prefix, grace_s=0.0) as pair:
+        yield pair
+
+
+async def test_nothing_is_published_for_a_conversation_no_other_process_follows(
+    known: tuple[RedisHub, RedisHub], redis_prefix: str
+) -> None:
+    a, b = known
+    on_a = a.subscribe(CID)  # A's own client: A's business, not Redis's
+    await on_a.ready()
+    redis = Redis.from_url(REDIS_URL)
+    spy = redis.pubsub()
+    await spy.psubscribe(f"{redis_prefix}:bus:c:*", f"{redis_prefix}:bus:console")
+    try:
+        a.publish(ev("typing", 3))
+        for i in range(20):
+            a.publish(delta(3, i))
+        a.publish(ev("final", 3, text="all"))
+        assert len(await take(on_a, 22)) == 22
+        # Then a conversation B follows: its events go out, and are the first Redis carries.
+        other = 8
+        on_b = b.subscribe(other)
+        await on_b.ready()
+        await eventually(lambda: _known(a, other), timeout=10)
+        a.publish(ConversationEvent(other, "message", 1, None, {"text": "hi"}))
+        assert (await take(on_b, 1))[0].data == {"text": "hi"}
+        seen: list[str] = []
+        while len(seen) < 1:
+            m = await spy.get_message(ignore_subscribe_messages=True, timeout=5)
+            if m is not None:
+                seen.append(m["channel"].decode())
+        assert seen == [f"{redis_prefix}:bus:c:{other}"]
+    finally:
+        await spy.aclose()  # type: ignore[no-untyped-call]
+        await redis.aclose()
+
+
+async def _known(hub: RedisHub, conversation_id: int) -> bool:
+    return hub.followed_elsewhere(conversation_id)
+
+
+async def test_a_follower_that_comes_mid_answer_gets_what_it_missed(
+    known: tuple[RedisHub, RedisHub],
+) -> None:
+    a, b = known
+    a.publish(ev("message", 8, text="where is my parcel?"))  # stored before anyone followed
+    a.publish(ev("typing", 9))
+    for i in range(5):
+        a.publish(delta(9, i))
+    got = await _follow_answer(a, b, seq=9, then=range(5, 8), watermark=7)
+    assert got[0].type == "message" and got[0].seq == 8
+
+
+async def test_an_answer_that_ended_before_the_follower_was_known_still_reaches_it(
+    known: tuple[RedisHub, RedisHub],
+) -> None:
+    """The follower read the database before the answer was stored, and A stored it before
+    it heard of the follower: A sends its recent stored-message events to a new follower."""
+    a, b = known
+    on_b = b.subscribe(CID)
+    a.publish(ev("typing", 4))
+    a.publish(delta(4, 0))
+    a.publish(ev("final", 4, text="it ships today"))
+    await on_b.ready()
+    got = await _until_final(on_b)
+    assert got[-1].data == {"text": "it ships today"}
+
+
+async def test_a_console_opened_on_b_gets_a_events_once_a_knows_of_it(
+    known: tuple[RedisHub, RedisHub],
+) -> None:
+    a, b = known
+    a.publish(ev("message", 1, text="hello"))  # before the console: sent to it once known
+    console = b.subscribe_all()
+    await console.ready()
+    await eventually(lambda: _console_known(a), timeout=10)
+    a.publish(delta(2, 0))
+    a.publish(ev("final", 2, text="hi"))
+    a.announce(ev("note", 0, text="VIP"))
+    assert [e.type for e in await take(console, 3)] == ["message", "final", "note"]
+    console.close()
+    await eventually(lambda: _console_known(a, False), timeout=10)
+
+
+async def _console_known(hub: RedisHub, expected: bool = True) -> bool:
+    return hub.console_elsewhere() == expected
+
+
+async def test_a_process_that_stops_is_no_longer_followed(redis_prefix: str) -> None:
+    async with two_hubs(REDIS_URL, redis_prefix, grace_s=0.0) as (a, b):
+        on_b = b.subscribe(CID)
+        await on_b.ready()
+        await eventually(lambda: _known(a, CID), timeout=10)
+        await b.aclose()
+        await eventually(lambda: _not_known(a, CID), timeout=10)
+
+
+async def _not_known(hub: RedisHub, conversation_id: int) -> bool:
+    return not hub.followed_elsewhere(conversation_id)
 
 
 async def test_webhooks_fire_once_for_an_event_whichever_processes_run(
@@ -262,7 +382,9 @@ async def test_after_a_redis_restart_streams_resume_and_events_flow_again(
         a.publish(ev("typing", 3))
         a.publish(delta(3, 0))
         a.publish(delta(3, 1))
-        assert len(await take(on_b, 3)) == 3
+        got: list[ConversationEvent] = []
+        while not any(e.type == "delta" and e.index == 1 for e in got):
+            got += await take(on_b, 1)  # (the typing signal is not sent again to a follower)
 
         await server.restart()  # everything in Redis is gone
         a.publish(delta(3, 2))
@@ -275,23 +397,29 @@ async def test_after_a_redis_restart_streams_resume_and_events_flow_again(
 
         again = b.subscribe(CID)
         await again.ready()
-        # The text so far was written again, for clients connecting now.
+        # A sent the text so far again to B, which followed anew, for clients connecting now.
 
-        async def rewritten() -> bool:
+        async def sent_again() -> bool:
             now = await b.answer_so_far(CID)
             return now == (3, ["t0 ", "t1 ", "t2 "])
 
-        await eventually(rewritten, timeout=15)
+        await eventually(sent_again, timeout=15)
         a.publish(delta(3, 3))
         a.publish(ev("final", 3, text="done"))
-        assert [(e.type, e.index) for e in await take(again, 2)] == [
-            ("delta", 3),
-            ("final", None),
-        ]
+        got = [(e.type, e.index) for e in await _until_final(again)]
+        assert got[-2:] == [("delta", 3), ("final", None)]
+        assert {i for kind, i in got if kind == "delta"} == {0, 1, 2, 3}
         console_again = b.subscribe_all()
         await console_again.ready()
         a.announce(owner_event(CID, "human", "claim"))
         assert (await take(console_again, 1))[0].type == "owner"
+
+
+async def _until_final(sub: HubSubscription) -> list[ConversationEvent]:
+    got: list[ConversationEvent] = []
+    while not got or got[-1].type != "final":
+        got += await take(sub, 1)
+    return got
 
 
 async def _ended(sub: HubSubscription) -> None:

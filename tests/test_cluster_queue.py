@@ -147,8 +147,8 @@ async def test_messages_redis_lost_are_answered_from_the_database(
         await eventually(lambda: _all_held(svc), timeout=20)
         q = _queue(svc)
 
-        async def lose(conversation_id: int, message_id: int) -> None:
-            return None  # the entry never reaches Redis
+        async def lose(conversation_id: int, message_id: int, unlock: object = None) -> None:
+            return None  # the entry never reaches Redis (the chat's lock is freed after)
 
         q.put = lose  # type: ignore[method-assign]
         r = await svc.post(contact_id="lost", text="is anyone there?", client_message_id="l1")

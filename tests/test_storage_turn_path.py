@@ -283,3 +283,43 @@ async def test_a_redelivery_to_a_named_conversation_changes_nothing(
     # The refused store took no seq: the next message follows without a gap.
     after, _ = await _store(units, "ida", "thanks", cid)
     assert after.seq == row.seq + 1
+
+
+async def test_a_turn_begun_under_a_lost_lease_reserves_nothing(
+    units: executor.Database,
+) -> None:
+    """A process that does not know yet that another took the partition must not take a seq
+    for an answer: the new holder answers the conversation's earlier messages first, and an
+    answer reserved by the old one would come before theirs."""
+    first, a = await _store(units, "ida", "where is ORD-1001?", None)
+    assert a is not None
+    second, none = await _store(units, "ida", "and can I return it?", first.conversation_id)
+    assert none is None  # (the conversation is busy: the worker reserves when it begins)
+    old = await units.write(
+        partial(fences.take_partition, partitions=8, partition=5, holder="process-a")
+    )
+    new = await units.write(
+        partial(fences.take_partition, partitions=8, partition=5, holder="process-b")
+    )
+
+    def begin(fence: fences.Fence) -> Any:
+        return partial(
+            answers.begin_answer,
+            conversation_id=second.conversation_id,
+            message_id=second.id,
+            history_limit=40,
+            with_inbound=False,
+            fence=fence,
+        )
+
+    def seqs(conn: Any) -> list[int]:
+        m = statements.M
+        q = select(m.seq).where(m.conversation_id == first.conversation_id).order_by(m.seq)
+        return list(conn.execute(q).scalars())
+
+    before = await units.read(seqs)
+    with pytest.raises(fences.FenceLost):
+        await units.write(begin(old))
+    assert await units.read(seqs) == before, "no seq taken"
+    begun = await units.write(begin(new))
+    assert isinstance(begun, answers.Answering) and begun.seq == max(before) + 1

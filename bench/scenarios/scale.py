@@ -91,6 +91,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="instead of one rate: from --rate up by --step-factor per step (each "
         "--step-duration s) until a setup stops keeping up; reports the highest kept rate",
     )
+    p.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="run the setups at the same time, each with its own load, measured in one "
+        "window: the machine's other load weighs on all alike (for comparing CPU per "
+        "message on a busy machine; not with --saturate)",
+    )
     p.add_argument("--step-factor", type=float, default=1.25)
     p.add_argument("--step-duration", type=float, default=12.0)
     p.add_argument("--max-steps", type=int, default=10)
@@ -166,7 +173,9 @@ def _service(ws: processes.Workspace, index: int) -> processes.ManagedProcess:
     )
 
 
-async def _run_setup(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
+async def _run_setup(
+    args: argparse.Namespace, setup: Setup, together: asyncio.Barrier | None = None
+) -> dict[str, Any]:
     print(f"bench: setup {setup.name}")
     with processes.Workspace(f"bench-scale-{setup.name}-", keep=args.keep_tmp) as ws:
         sim = ws.simulator(options.simulator_options(args))
@@ -206,7 +215,7 @@ async def _run_setup(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
                     await _wait_partitions_split(http, services)
                 database = db_url.rsplit("/", 1)[1] if setup.db == "postgres" else ""
                 run = Running(setup, sim, services, ws.config_path, database)
-                steps = await _steps(args, http, run)
+                steps = await _steps(args, http, run, together)
         exit_codes = [svc.popen.returncode if svc.popen else None for svc in services]
     return {"setup": setup.name, **_describe(setup), "steps": steps, "exit_codes": exit_codes}
 
@@ -245,7 +254,10 @@ def _describe(setup: Setup) -> dict[str, Any]:
 
 
 async def _steps(
-    args: argparse.Namespace, http: aiohttp.ClientSession, run: Running
+    args: argparse.Namespace,
+    http: aiohttp.ClientSession,
+    run: Running,
+    together: asyncio.Barrier | None = None,
 ) -> list[dict[str, Any]]:
     texts = api_service.degraded_texts(run.config, run.services[0].env)
     loads = [
@@ -265,6 +277,8 @@ async def _steps(
     steps = args.max_steps if args.saturate else 1
     duration = args.step_duration if args.saturate else args.duration
     for _ in range(steps):
+        if together is not None:
+            await together.wait()  # (side by side: every setup warmed up, all start at once)
         step = await _measure(args, http, run, loads, rate, duration)
         out.append(step)
         print(_step_line(run.setup, step))
@@ -410,7 +424,15 @@ async def run(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in SETUPS]
     if unknown or not names:
         raise SystemExit(f"bench: unknown setup(s) {unknown}; choose from {', '.join(SETUPS)}")
-    results = [await _run_setup(args, SETUPS[n]) for n in names]
+    if args.side_by_side:
+        if args.saturate:
+            raise SystemExit("bench: --side-by-side measures one rate; leave out --saturate")
+        together = asyncio.Barrier(len(names))
+        results = list(
+            await asyncio.gather(*(_run_setup(args, SETUPS[n], together) for n in names))
+        )
+    else:
+        results = [await _run_setup(args, SETUPS[n]) for n in names]
     result = _result(args, results)
     mode = "sat" if args.saturate else f"r{args.rate:g}"
     stem = f"scale-{mode}{('-' + args.tag) if args.tag else ''}"
@@ -478,6 +500,7 @@ def _result(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[str
             "rate": args.rate,
             "duration_s": args.duration,
             "saturate": args.saturate,
+            "side_by_side": args.side_by_side,
             "step_factor": args.step_factor,
             "step_duration_s": args.step_duration,
             "sim_first_token_ms": args.sim_first_token_ms,
@@ -529,7 +552,10 @@ def _plot(results: list[dict[str, Any]], png: Path) -> None:
 
 
 def _summary(r: dict[str, Any], files: list[Path]) -> str:
-    lines = [f"scale: {'saturation' if r['parameters']['saturate'] else 'same load'}"]
+    mode = "saturation" if r["parameters"]["saturate"] else "same load"
+    if r["parameters"].get("side_by_side"):
+        mode += ", setups side by side"
+    lines = [f"scale: {mode}"]
     for s in r["setups"]:
         best = _best(s["steps"])
         lat, cpu = best["latency_ms"], best["cpu"]

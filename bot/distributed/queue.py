@@ -6,9 +6,13 @@ lease (a key set with NX and an expiry, renewed while the process lives). A proc
 its share of the partitions (the live processes are counted in a sorted set of heartbeats) and
 gives back what it has beyond its share when others join, so the work spreads by itself.
 
-- `put` (ingest, under the chat's lock) appends to the conversation's stream: stream order is
-  storage order, so one conversation's messages are answered in order by whichever process
-  holds the partition, through the in-process queue (one at a time per conversation).
+- `put` (ingest, under the chat's lock) appends to the conversation's stream and frees the
+  lock in the same script: stream order is storage order, so one conversation's messages are
+  answered in order by whichever process holds the partition, through the in-process queue
+  (one at a time per conversation).
+- A message answered is acknowledged (XACK + XDEL) with the others answered within
+  `ACK_DELAY_S`, in one round trip: an entry a crash left unacknowledged is read again and
+  found answered.
 - Taking a partition raises its fencing token in the database (storage/fences.py) and then
   recovers it from the database (answers cut mid-stream abandoned, undelivered answers sent,
   unanswered messages queued) before reading its stream, so a process killed mid-answer loses
@@ -35,6 +39,7 @@ import structlog
 from redis.exceptions import ResponseError
 
 from bot import metrics
+from bot.locks import HeldLock
 from bot.workqueue import WORK_LEASE, Handler, InProcessQueue
 from cluster.redis import REDIS_DOWN, RedisParts
 from storage import fences
@@ -56,6 +61,14 @@ READ_BLOCK_MS = 500
 LOCAL_HIGH_WATER = 2000
 # Cap of a stream's length, far above any backlog: entries are deleted once handled.
 STREAM_MAXLEN = 1_000_000
+# Acknowledgements wait this long to go out together (a crash in between costs one re-read).
+ACK_DELAY_S = 0.05
+# KEYS: the stream, the chat's lock. ARGV: maxlen, conversation id, message id, lock token.
+_PUT_AND_UNLOCK = """
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'c', ARGV[2], 'm', ARGV[3])
+if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
 
 # Renew a lease if it is still ours (a takeover, or a Redis restart, make it not).
 _RENEW = """
@@ -175,6 +188,11 @@ class RedisQueue:
         self._stopping = False
         self._renew = self._r.register_script(_RENEW)
         self._release = self._r.register_script(_RELEASE)
+        self._put_and_unlock = self._r.register_script(_PUT_AND_UNLOCK)
+        self._streams = [self._keys("work", partitions, p) for p in range(partitions)]
+        self._read_args: tuple[frozenset[int], dict[Any, Any]] = (frozenset(), {})
+        self._acks: list[tuple[str, bytes]] = []  # (stream, entry) answered, not yet acked
+        self._ack_wake = asyncio.Event()
 
     # -- the WorkQueue interface ------------------------------------------------------------
 
@@ -192,20 +210,29 @@ class RedisQueue:
                 asyncio.create_task(self._lease_loop(), name="work-leases"),
                 asyncio.create_task(self._read_loop(), name="work-reader"),
                 asyncio.create_task(self._sweep_loop(), name="work-sweeper"),
+                asyncio.create_task(self._ack_loop(), name="work-acks"),
             ]
 
-    async def put(self, conversation_id: int, message_id: int) -> None:
-        """Queue a stored message for whichever process holds its conversation. If Redis is
-        unreachable the message is stored all the same: the sweep queues it later."""
+    async def put(
+        self, conversation_id: int, message_id: int, unlock: HeldLock | None = None
+    ) -> None:
+        """Queue a stored message for whichever process holds its conversation (and free the
+        chat's lock `unlock` in the same round trip). If Redis is unreachable the message is
+        stored all the same: the sweep queues it later."""
         # (Also while this process drains: the others take it.)
         stream = self._stream(conversation_id % self._n)
         try:
-            await self._r.xadd(
-                stream,
-                {"c": conversation_id, "m": message_id},
-                maxlen=STREAM_MAXLEN,
-                approximate=True,
-            )
+            if unlock is None:
+                await self._r.xadd(
+                    stream,
+                    {"c": conversation_id, "m": message_id},
+                    maxlen=STREAM_MAXLEN,
+                    approximate=True,
+                )
+            else:
+                args: list[int | str] = [STREAM_MAXLEN, conversation_id, message_id, unlock.token]
+                await self._put_and_unlock([stream, unlock.name], args)
+                unlock.released = True
         except REDIS_DOWN as e:
             metrics.QUEUE_ERRORS.labels("put").inc()
             log.warning("queue_put_failed", message_id=message_id, error=repr(e))
@@ -232,6 +259,7 @@ class RedisQueue:
             await asyncio.wait(self._tasks, timeout=5)
         finished = await self._local.drain(grace_s)
         try:
+            await self._send_acks()
             await self._release_all()
         except REDIS_DOWN:
             pass  # the leases expire by themselves
@@ -266,19 +294,36 @@ class RedisQueue:
                 self._running[conversation_id] = left
         entries = self._entries.pop(message_id, None)
         if entries and lease.valid():
-            try:
-                async with self._r.pipeline(transaction=False) as pipe:
-                    for stream, entry in entries:
-                        pipe.xack(stream, GROUP, entry)
-                        pipe.xdel(stream, entry)
-                    await pipe.execute()
-            except REDIS_DOWN:
-                pass  # left pending: the next read of it finds the message answered
+            self._acks += entries
+            self._ack_wake.set()
+
+    async def _ack_loop(self) -> None:
+        while not self._stopping:
+            await self._ack_wake.wait()
+            await asyncio.sleep(ACK_DELAY_S)
+            self._ack_wake.clear()
+            await self._send_acks()
+
+    async def _send_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        if not acks:
+            return
+        by_stream: dict[str, list[bytes]] = {}
+        for stream, entry in acks:
+            by_stream.setdefault(stream, []).append(entry)
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for stream, entries in by_stream.items():
+                    pipe.xack(stream, GROUP, *entries)
+                    pipe.xdel(stream, *entries)
+                await pipe.execute()
+        except REDIS_DOWN:
+            pass  # left pending: the next read of them finds the messages answered
 
     # -- leases -------------------------------------------------------------------------------
 
     def _stream(self, partition: int) -> str:
-        return self._keys("work", self._n, partition)
+        return self._streams[partition]
 
     def _lease_key(self, partition: int) -> str:
         return self._keys("lease", self._n, partition)
@@ -477,8 +522,10 @@ class RedisQueue:
             if not reading or self._local.pending() > LOCAL_HIGH_WATER:
                 await asyncio.sleep(0.05)
                 continue
-            streams: dict[Any, Any] = {self._stream(p): ">" for p in reading}
-            self._read_now = frozenset(reading)
+            self._read_now = now = frozenset(reading)
+            if self._read_args[0] != now:  # (built again only when the partitions change)
+                self._read_args = (now, {self._stream(p): ">" for p in sorted(now)})
+            streams = self._read_args[1]
             try:
                 resp: Any = await self._r.xreadgroup(
                     GROUP, CONSUMER, streams, count=READ_COUNT, block=READ_BLOCK_MS

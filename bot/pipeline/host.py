@@ -47,14 +47,15 @@ class Host:
         return self.hub
 
     async def ingest(self, message: InboundMessage) -> IngestResult:
-        async with self._chat_locks.hold((message.channel, message.account, message.chat_id)):
+        key = (message.channel, message.account, message.chat_id)
+        async with self._chat_locks.hold(key) as held:
             result, view, answering = await self._store(message)
             if view is not None and message.answer:
                 # Queued under the chat's lock: the queue's order is the order of storing,
                 # also when several processes take one chat's messages.
                 if self.queue.here(result.conversation_id):
                     self.parts.prepared.keep(view, answering)
-                await self.queue.put(result.conversation_id, result.message_id)
+                await self.queue.put(result.conversation_id, result.message_id, unlock=held)
         if view is None:
             metrics.DUPLICATES.labels(message.channel).inc()
             return result

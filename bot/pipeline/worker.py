@@ -129,6 +129,7 @@ class TurnWorker:
         view, prepared = self.parts.prepared.take(message_id)
         begun: Answering | NotAnswering | None = prepared
         if begun is None or view is None:
+            lease = WORK_LEASE.get()
             begun = await self.db.write(
                 partial(
                     answers.begin_answer,
@@ -136,6 +137,7 @@ class TurnWorker:
                     message_id=message_id,
                     history_limit=self.reply_settings.history_messages,
                     with_inbound=view is None,
+                    fence=lease.fence if lease is not None else None,
                 ),
                 urgent=True,
             )
