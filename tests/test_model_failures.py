@@ -163,7 +163,7 @@ async def test_a_server_error_is_retried_on_the_same_model_before_the_next(
 ) -> None:
     """Default resilience: one retry with backoff before the first token."""
     await queue_fault(simulator, "500")
-    _, _, deltas, final = await asyncio.wait_for(ask(sqlite_service, "hello, any news?"), 30)
+    _, _, deltas, final = await asyncio.wait_for(ask(sqlite_service, "hi there, good morning!"), 30)
     assert "".join(deltas) == final["text"]
     assert await ledger(sqlite_service) == [("sim-a", "server_error"), ("sim-a", "ok")]
 
@@ -176,7 +176,7 @@ async def test_a_failed_chain_is_walked_again_while_the_turn_has_time(
     )
     try:
         await queue_fault(simulator, "cut", count=2)  # both models of the chain, in turn
-        _, _, deltas, final = await asyncio.wait_for(ask(svc, "hello, any news?"), 30)
+        _, _, deltas, final = await asyncio.wait_for(ask(svc, "hi there, good morning!"), 30)
         general = next(s for s in svc.services.settings.specialists if s.name == "general")
         assert final["text"] != general.degraded_text, "a model answered, not canned text"
         assert "".join(deltas) == final["text"]
@@ -197,7 +197,7 @@ async def test_when_every_model_is_cooling_after_429s_the_turn_waits_instead_of_
     )
     try:
         await queue_fault(simulator, "429", count=2, retry_after=1)
-        _, _, _, final = await asyncio.wait_for(ask(svc, "hello, any news?"), 30)
+        _, _, _, final = await asyncio.wait_for(ask(svc, "hi there, good morning!"), 30)
         general = next(s for s in svc.services.settings.specialists if s.name == "general")
         assert final["text"] != general.degraded_text
         assert await ledger(svc) == [

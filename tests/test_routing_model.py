@@ -75,6 +75,116 @@ def test_hard_cases_in_every_language(
     assert d.stage != "llm"
 
 
+# Chinese as shoppers type it (55% of traffic): slang and abbreviated insults, pinyin,
+# indirect requests for a person; (message, primary intent, escalate, tier). None of these
+# is in the training corpus.
+HARD_ZH = [
+    ("快递磨蹭了十几天 你们这帮废物是不是都在睡觉", "complaint", True, "premium"),
+    ("nmd 半个月了还不发货 垃圾", "complaint", True, "premium"),
+    ("cnm 退款还不到账", "complaint", True, "premium"),
+    ("这是最后一次在你们家买了 一星伺候", "complaint", True, "premium"),
+    ("垃圾店 拉黑了 永不回购", "complaint", True, "premium"),
+    ("麻烦让你们售后那个小姐姐来跟我说", "human", True, "cheap"),
+    ("有没有人管啊 让你们领导出来", "human", True, "cheap"),
+    ("wo yao zhao nimen de zhenren kefu", "human", True, "cheap"),
+    ("kd到哪了亲😭", "logistics", False, "cheap"),
+    ("zsbd 想问下发货没", "logistics", False, "cheap"),
+    ("优惠券在哪领啊", "discount", False, "cheap"),
+]
+
+
+@pytest.mark.parametrize(("text", "intent", "escalate", "tier"), HARD_ZH)
+def test_chinese_slang_insults_and_indirect_requests(
+    router: Router, text: str, intent: str, escalate: bool, tier: str
+) -> None:
+    d = router.route_local(text)
+    assert (d.primary, d.escalate, d.tier) == (intent, escalate, tier), (text, d)
+
+
+# Vietnamese typed with and without diacritics routes the same; (with, without, intent,
+# tier). None of these is in the training corpus.
+VI_TWINS = [
+    ("đơn hàng của mình tới đâu rồi", "don hang cua minh toi dau roi", "logistics", "cheap"),
+    ("mình muốn hủy đơn vừa đặt", "minh muon huy don vua dat", "order_status", "cheap"),
+    ("hoàn tiền mất mấy ngày vậy", "hoan tien mat may ngay vay", "refund", "cheap"),
+    ("giày này còn size 39 không", "giay nay con size 39 khong", "product", "cheap"),
+    (
+        "có voucher giảm giá cho khách mới không",
+        "co voucher giam gia cho khach moi khong",
+        "discount",
+        "cheap",
+    ),
+    # a damage claim needs care
+    ("bình giữ nhiệt bị móp, nắp bị hở", "binh giu nhiet bi mop, nap bi ho", "refund", "premium"),
+]
+
+
+@pytest.mark.parametrize(("marked", "plain", "intent", "tier"), VI_TWINS)
+def test_vietnamese_with_and_without_diacritics(
+    router: Router, marked: str, plain: str, intent: str, tier: str
+) -> None:
+    for text in (marked, plain):
+        d = router.route_local(text)
+        assert (d.primary, d.tier, d.escalate) == (intent, tier, False), (text, d)
+
+
+@pytest.mark.parametrize(
+    ("text", "intent", "tier"),
+    [
+        # a plain question in mixed Chinese and English is as cheap as in one language
+        ("parcel 今天会 deliver 吗", "logistics", "cheap"),
+        ("申请了tk 还没到账", "refund", "cheap"),  # tk: 退款
+        ("这个 kettle 用两次就 leak 了", "refund", "premium"),
+        # a thank-you before "also" adds no second task
+        ("thanks a lot! also, can I still cancel my order", "order_status", "cheap"),
+    ],
+)
+def test_mixed_language_abbreviations_and_pleasantries(
+    router: Router, text: str, intent: str, tier: str
+) -> None:
+    d = router.route_local(text)
+    assert (d.intents, d.tier) == ((intent,), tier), (text, d)
+
+
+@pytest.mark.parametrize(
+    ("text", "intent"),
+    [
+        # deposits and coupons summed
+        ("定金付了80抵160 尾款还剩多少 再用满300减40的券呢 原价459", "discount"),
+        # two orders at once
+        ("我有两个订单 一个要改地址 一个要取消 帮我处理下", "order_status"),
+        ("I have two orders, cancel one and change the address on the other", "order_status"),
+        # a warranty judgement
+        ("吸尘器用了五个月电机不转了 还在保修期吗 是修还是换", "refund"),
+    ],
+)
+def test_reasoning_goes_premium(router: Router, text: str, intent: str) -> None:
+    d = router.route_local(text)
+    assert d.primary == intent and d.tier == "premium", (text, d)
+
+
+def test_a_second_question_said_in_passing_is_found(router: Router) -> None:
+    d = router.route_local("这件有L码吗 顺便问下能开发票不")
+    assert d.intents[:2] == ("product", "other") and d.tier == "premium", d
+    # Merging two orders is one plain request, not two orders to keep apart.
+    assert "several" not in router.analyse("两个订单能合并付款吗").signals
+
+
+def test_a_model_file_without_the_mentions_head_still_loads(tmp_path: Path) -> None:
+    # Format 1 (a shop's model trained before the mentions head): no second intents from
+    # the model, everything else as before.
+    labels = ("logistics", "refund")
+    weights = np.array([[1.0, -1.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0]], np.float32)
+    old = RoutingModel(labels, ["w:parcel", "w:refund"], weights, np.zeros(4, np.float32), {})
+    old.meta["format"] = 1
+    path = tmp_path / "old.npz"
+    old.save(path)
+    loaded = RoutingModel.load(path)
+    scores = loaded.scores(["w:parcel"])
+    assert not loaded.has_mentions and scores.mentions == {}
+    assert scores.intents[0][0] == "logistics"
+
+
 def test_premium_for_reasoning_cheap_for_a_plain_question(router: Router) -> None:
     sums = router.route_local("满300减40的券加上50元红包 我买了两件共329 最后要付多少")
     assert sums.primary == "discount" and sums.tier == "premium"

@@ -139,6 +139,9 @@ class SignalsSpec(ConfigSection):
     dispute: Matcher = Field(default_factory=Matcher, description="disputes -> premium")
     calculation: Matcher = Field(default_factory=Matcher, description="price sums -> premium")
     advice: Matcher = Field(default_factory=Matcher, description="comparisons -> premium")
+    several: Matcher = Field(
+        default_factory=Matcher, description="several orders or parcels at once -> premium"
+    )
 
 
 class RoutingData(ConfigSection):

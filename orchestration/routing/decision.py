@@ -56,9 +56,11 @@ class RoutingTrace:
     classifier: list[tuple[str, float]] = field(default_factory=list)  # whole message
     # clause, its top intent, probability, whether a rule for that intent matched it
     clauses: list[tuple[str, str, float, bool]] = field(default_factory=list)
+    clause_probs: list[dict[str, float]] = field(default_factory=list)  # per clause, fused
     fused: list[tuple[str, float]] = field(default_factory=list)  # after rule evidence
     escalate_p: float = 0.0  # the model's probability that a person is needed
     premium_p: float = 0.0  # the model's probability that the premium tier is needed
+    mentions: dict[str, float] = field(default_factory=dict)  # intent -> "asks about it" p
     signals: dict[str, str] = field(default_factory=dict)
     llm_text: str | None = None
     llm_error: str | None = None

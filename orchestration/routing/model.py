@@ -8,7 +8,10 @@ model file is read, and routing needs numpy only (scikit-learn is not imported).
 - intent: one logit per intent, softmax with a fitted temperature (calibrated on
   cross-validated predictions), so the probability can be thresholded;
 - escalate: does the shopper need a person (anger, threats, asking for one, ...);
-- premium: does the answer need the premium tier (reasoning, several facts, care).
+- premium: does the answer need the premium tier (reasoning, several facts, care);
+- mentions (format 2): one yes/no logit per intent, "does the message ask about this at
+  all", so a second task said in passing ("...and is there a coupon?") is found even when
+  it has no clause of its own.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import numpy.typing as npt
 from orchestration.routing.text import features
 
 BUILTIN_MODEL = "data/model.npz"
-FORMAT = 1
+FORMAT = 2
+_READABLE = (1, 2)  # format 1: no mentions head
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,7 @@ class Scores:
     intents: list[tuple[str, float]]  # every intent with its probability, most likely first
     escalate: float  # probability that a person is needed
     premium: float  # probability that the premium tier is needed
+    mentions: dict[str, float]  # intent -> probability that the message asks about it
 
 
 class ModelFileError(ValueError):
@@ -50,8 +55,14 @@ class RoutingModel:
         meta: dict[str, Any],
     ) -> None:
         k = len(labels)
-        if weights.shape != (len(vocabulary), k + 2) or bias.shape != (k + 2,):
+        width = weights.shape[1] if weights.ndim == 2 else -1
+        if (
+            width not in (k + 2, 2 * k + 2)
+            or weights.shape[0] != len(vocabulary)
+            or bias.shape != (width,)
+        ):
             raise ModelFileError("weights do not match the vocabulary and labels")
+        self.has_mentions = width == 2 * k + 2
         self.labels = labels
         self.index = {f: i for i, f in enumerate(vocabulary)}
         self.weights = weights
@@ -61,6 +72,8 @@ class RoutingModel:
         self.escalate_at = float(meta.get("escalate_at", 0.5))
         self.premium_at = float(meta.get("premium_at", 0.5))
         self.examples = int(meta.get("examples", 0))
+        at = meta.get("mentions_at") or {}
+        self.mentions_at = {lb: float(at.get(lb, 1.0)) for lb in labels}
 
     @classmethod
     def empty(cls, labels: tuple[str, ...]) -> RoutingModel:
@@ -89,7 +102,7 @@ class RoutingModel:
     def _from_npz(cls, fh: Any) -> RoutingModel:
         with np.load(fh, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            if meta.get("format") != FORMAT:
+            if meta.get("format") not in _READABLE:
                 raise ModelFileError(f"model format {meta.get('format')}, expected {FORMAT}")
             return cls(
                 tuple(str(x) for x in z["labels"]),
@@ -109,7 +122,8 @@ class RoutingModel:
             fh,
             labels=np.array(self.labels),
             vocabulary=np.array(vocabulary),
-            weights=self.weights,
+            # float16 halves the file; the logits' rounding (~1e-3) changes no decision.
+            weights=self.weights.astype(np.float16),
             bias=self.bias,
             meta=np.array(json.dumps(self.meta, ensure_ascii=False)),
         )
@@ -139,7 +153,12 @@ class RoutingModel:
             z = np.exp(z - z.max())
             probs = (z / z.sum()).tolist()
             intents = sorted(zip(self.labels, probs, strict=True), key=_by_p)
-        return Scores(intents, _sigmoid(float(logits[k])), _sigmoid(float(logits[k + 1])))
+        mentions: dict[str, float] = {}
+        if self.has_mentions and known:
+            mentions = {
+                lb: _sigmoid(float(x)) for lb, x in zip(self.labels, logits[k + 2 :], strict=True)
+            }
+        return Scores(intents, _sigmoid(float(logits[k])), _sigmoid(float(logits[k + 1])), mentions)
 
     def intents_batch(self, texts: list[list[str]]) -> list[list[tuple[str, float]]]:
         """`scores(...).intents` of several texts' features at once (a message's clauses)."""
@@ -151,7 +170,7 @@ class RoutingModel:
             rows.extend(i for f in feats if (i := index.get(f)) is not None)
         counts = np.diff(np.array([*starts, len(rows)]))
         if not rows:
-            sums = np.zeros((len(texts), k + 2), np.float32)
+            sums = np.zeros((len(texts), self.weights.shape[1]), np.float32)
         else:
             # reduceat needs in-range starts: an empty text's slot is zeroed after.
             safe = np.minimum(np.array(starts), len(rows) - 1)

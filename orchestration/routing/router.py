@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -38,7 +39,9 @@ _LLM_CONFIDENCE = 0.8
 _MAX_INTENTS = 3
 _GUESS_MIN = 0.3
 _ESCALATE_SURE = 0.5
+_ASKED_MIN = 0.25
 _TASKS = frozenset({"logistics", "order_status", "refund", "product", "discount"})
+_MODEL_TIER = _TASKS | {"other"}
 
 
 class Router:
@@ -110,6 +113,7 @@ class Router:
         )
         trace.classifier = scores.intents
         trace.escalate_p, trace.premium_p = scores.escalate, scores.premium
+        trace.mentions = scores.mentions
         trace.fused = self._fuse(trace.classifier, trace.rule_hits, trace.faq)
         parts = clauses(masked)
         if len(parts) > 1:
@@ -127,6 +131,7 @@ class Router:
                 label, p = fused[0]
                 ruled = any(h.intent == label for h in hits)
                 trace.clauses.append((part, label, p, ruled))
+                trace.clause_probs.append(dict(fused))
         return trace
 
     @staticmethod
@@ -221,7 +226,21 @@ class Router:
     def _intents(self, trace: RoutingTrace, primary: str) -> tuple[str, ...]:
         """Primary first, then the other tasks the message asks about, in their order."""
         cfg = self.settings
-        first_seen: dict[str, int] = {primary: len(trace.clauses)}
+        n = len(trace.clauses)
+
+        def asked_at(label: str) -> int:
+            # Where a task found on the whole message is asked: the first clause that
+            # leans to it, even if another intent tops that clause.
+            return next(
+                (
+                    i
+                    for i, probs in enumerate(trace.clause_probs)
+                    if probs.get(label, 0.0) >= _ASKED_MIN
+                ),
+                n,
+            )
+
+        first_seen: dict[str, int] = {primary: asked_at(primary)}
         strength: dict[str, float] = {}
         for i, (_part, label, p, ruled) in enumerate(trace.clauses):
             if label == "greeting" or p < (cfg.secondary_rule_min if ruled else cfg.secondary_min):
@@ -234,14 +253,27 @@ class Router:
         named = {h.intent for h in trace.rule_hits}
         for label, p in trace.fused[1:3]:
             if p >= cfg.secondary_fused_min and label in named - {"greeting", "other"}:
-                first_seen.setdefault(label, len(trace.clauses))
+                first_seen.setdefault(label, asked_at(label))
                 strength.setdefault(label, p)
-        tasks = [lb for lb in first_seen if lb in _TASKS]
-        if primary in _TASKS and len(tasks) > 1:
+        # So does one the model hears in the whole message, said in passing or not.
+        at = self.classifier.mentions_at
+        for label, p in sorted(trace.mentions.items(), key=lambda x: -x[1]):
+            if label not in first_seen and label != "greeting" and p >= at[label]:
+                first_seen[label] = asked_at(label)
+                strength[label] = p
+        tasks = [lb for lb in first_seen if lb in _MODEL_TIER]
+        if primary in _MODEL_TIER and len(tasks) > 1:
             # Several tasks: the one asked first leads (shoppers put the main thing first).
             primary = min(tasks, key=lambda lb: first_seen[lb])
         rest = sorted((lb for lb in first_seen if lb != primary), key=lambda lb: first_seen[lb])
-        if primary in _TASKS and self._upset(trace) and "complaint" not in rest:
+        if primary in _TASKS and "abuse" in trace.signals:
+            # Insults make it a complaint first ("快递十天没动 你们是死了吗"): the task
+            # is the context, not what the shop has to answer first.
+            rest = [lb for lb in rest if lb != "complaint"]
+            rest.insert(0, primary)
+            primary = "complaint"
+        elif primary in _TASKS and self._furious(trace) and "complaint" not in rest:
+            # Mild displeasure is a complaint only if the model hears one (mentions).
             rest.append("complaint")
         if "human" in rest:
             # Asking for a person decides how the whole turn is handled: it leads.
@@ -264,6 +296,10 @@ class Router:
         if len(tasks) < 2 or tasks[0] != intents[0]:
             return 0.0
         return min(best[t] for t in tasks)
+
+    @staticmethod
+    def _furious(trace: RoutingTrace) -> bool:
+        return any(k in trace.signals for k in ("anger", "abuse", "threat", "sarcasm"))
 
     def _upset(self, trace: RoutingTrace) -> bool:
         s = trace.signals
@@ -317,6 +353,7 @@ class Router:
             ("dispute", "dispute"),
             ("calculation", "price calculation"),
             ("advice", "comparison/advice"),
+            ("several", "several orders"),
         ):
             if key in s:
                 reasons.append(f"{label}: '{s[key]}'")
@@ -334,7 +371,12 @@ class Router:
         sticky: str | None,
     ) -> tuple[str, list[str]]:
         reasons = []
-        if trace.premium_p >= self.classifier.premium_at:
+        if intents == ("human",) and sticky != "premium":
+            # A plain request for a person: a person answers, the bot only hands over.
+            return "cheap", []
+        # The premium head learned from calm one-task messages only (train.py): for the
+        # rest, the rules below decide.
+        if trace.premium_p >= self.classifier.premium_at and intents[0] in _MODEL_TIER:
             reasons.append(f"premium: the model says it needs reasoning (p {trace.premium_p:.2f})")
         if sticky == "premium":
             reasons.append("premium: the conversation is already on premium (sticky)")
@@ -349,15 +391,28 @@ class Router:
     # -- with the LLM -------------------------------------------------------------------
 
     async def route(
-        self, text: str, *, sticky_tier: str | None = None, llm: LlmClassify | None = None
+        self,
+        text: str,
+        *,
+        sticky_tier: str | None = None,
+        llm: LlmClassify | None = None,
+        on_unsure: Callable[[RoutingDecision], None] | None = None,
     ) -> tuple[RoutingDecision, list[CallRecord]]:
         """Route one message; ask `llm` only when the local confidence is low. Never raises
-        for a model failure: the local decision stands instead."""
-        decision, records, _trace = await self.route_traced(text, sticky_tier=sticky_tier, llm=llm)
+        for a model failure: the local decision stands instead. `on_unsure` gets the local
+        decision just before `llm` is asked (work that can start on a guess starts then)."""
+        decision, records, _trace = await self.route_traced(
+            text, sticky_tier=sticky_tier, llm=llm, on_unsure=on_unsure
+        )
         return decision, records
 
     async def route_traced(
-        self, text: str, *, sticky_tier: str | None = None, llm: LlmClassify | None = None
+        self,
+        text: str,
+        *,
+        sticky_tier: str | None = None,
+        llm: LlmClassify | None = None,
+        on_unsure: Callable[[RoutingDecision], None] | None = None,
     ) -> tuple[RoutingDecision, list[CallRecord], RoutingTrace]:
         started = time.perf_counter()
         trace = self.analyse(text)
@@ -366,6 +421,8 @@ class Router:
         if llm is None or local.stage == "faq" or local.confidence >= self.settings.llm_below:
             elapsed = (time.perf_counter() - started) * 1000
             return replace(local, latency_ms=elapsed), records, trace
+        if on_unsure is not None:
+            on_unsure(replace(local, latency_ms=(time.perf_counter() - started) * 1000))
         verdict: LlmVerdict | None = None
         try:
             async with asyncio.timeout(self.settings.llm_timeout_seconds):

@@ -1,15 +1,20 @@
 """Fit the routing model (scikit-learn) and export it as a plain `.npz` (see model.py).
 
 Training data:
-- the intents' example utterances of the routing config (intent head only);
+- the intents' example utterances of the routing config (intent and mentions heads);
 - labeled JSONL files (the project's corpus in orchestration/routing/data/train.jsonl, a
-  shop's own files, examples stored from agents' corrections): all three heads;
+  shop's own files, examples stored from agents' corrections): every head;
 - two-task messages made by joining two single-task corpus lines of one language (the
-  premium head learns that "two things at once" needs reasoning).
+  mentions head learns second intents from them, the escalation head more context), and
+  one-task lines led by a pleasantry joined the same way (a thank-you adds no task).
+
+Heads: intent (softmax over the primary intent), escalate, premium (learned from calm
+one-task lines only: the router sets the tier of the rest by rule) and mentions (per
+intent, "the message also asks about it", learned from lines whose primary is another).
 
 Probabilities are calibrated on out-of-fold predictions: a softmax temperature for the
-intent head, and thresholds for the two binary heads (escalation favours recall: a
-furious shopper the bot keeps costs more than a calm one shown to a person).
+intent head, and thresholds for the binary heads (escalation and mentions at their best
+F1, premium at its best accuracy).
 """
 
 from __future__ import annotations
@@ -31,11 +36,15 @@ from orchestration.routing.model import FORMAT, RoutingModel
 
 BUILTIN_CORPUS = "data/train.jsonl"
 _TASKS = ("logistics", "order_status", "refund", "product", "discount")
+_MODEL_TIER = frozenset({*_TASKS, "other"})
 _JOIN = {"zh": " 另外", "ja": "。それと、", "vi": ", với lại ", "en": ". also ", "mixed": " 另外 "}
-# Escalation's threshold favours recall (F-beta, beta 1.5) on out-of-fold predictions; the
-# rules' signals (anger, threats, asking for a person) add to it in the router.
+# Escalation's threshold: best F-beta on out-of-fold predictions, recall weighed 1.5 times
+# precision: a furious shopper left with the bot costs the shop more than a handover too
+# many. Most recall still comes from the rules' signals (anger, threats, asking for a
+# person), which escalate in the router on their own.
 _ESCALATE_BETA = 1.5
 _FOLDS = 5
+_MENTION_FOLDS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +119,40 @@ def two_task_examples(corpus: Sequence[Example], n: int, seed: int = 11) -> list
     return out
 
 
+def pleasantry_examples(corpus: Sequence[Example], n: int, seed: int = 13) -> list[Example]:
+    """`n` one-task messages led by a pleasantry and the same joining word as the two-task
+    ones ("thanks! also, where is my parcel"): a thank-you is no second task, so the mentions
+    head must not learn that "also" alone means one."""
+    kind: dict[str, tuple[list[Example], list[Example]]] = {}
+    for ex in corpus:
+        if len(ex.intents) == 1 and ex.lang in _JOIN:
+            hello, task = kind.setdefault(ex.lang or "en", ([], []))
+            if ex.intents[0] == "greeting":
+                hello.append(ex)
+            elif ex.intents[0] in _TASKS:
+                task.append(ex)
+    rng = random.Random(seed)
+    langs = [lang for lang, (hello, task) in kind.items() if hello and task]
+    out: list[Example] = []
+    for _ in range(n if langs else 0):
+        lang = rng.choice(langs)
+        a, b = rng.choice(kind[lang][0]), rng.choice(kind[lang][1])
+        out.append(Example(a.text + _JOIN[lang] + b.text, b.intents, b.tier, b.escalate, lang))
+    return out
+
+
+def _tier_by_model(ex: Example) -> bool:
+    """Lines whose tier the premium head decides: one task (or "other") asked calmly. The
+    router sets the rest by rule (several intents or a complaint: premium; a plain request
+    for a person: cheap), so those lines would only teach the head that long or emotional
+    text is "premium"."""
+    if ex.tier is None:
+        return False
+    if len(ex.intents) != 1:
+        return not ex.intents  # a line labeled with a tier only
+    return ex.intents[0] in _MODEL_TIER
+
+
 def _matrix(texts: Sequence[list[str]], index: dict[str, int]) -> csr_matrix:
     rows, cols = [], []
     for r, feats in enumerate(texts):
@@ -176,23 +219,32 @@ def train(
     combos: int = 400,
     seed: int = 7,
 ) -> RoutingModel:
-    """Fit the three heads. `featurize` turns a message into the features the router
+    """Fit the four heads. `featurize` turns a message into the features the router
     scores (Router.model_features); `labels` are the intents the router knows."""
     known = set(labels)
     labeled = [ex for ex in labeled if not ex.intents or ex.intents[0] in known]
     # Intent head: config examples and the primary intent of every labeled line.
-    intent_rows = [(t, lb) for t, lb in intent_examples if lb in known]
-    intent_rows += [(ex.text, ex.intents[0]) for ex in labeled if ex.intents]
+    config_rows = [(t, lb) for t, lb in intent_examples if lb in known]
+    intent_rows = config_rows + [(ex.text, ex.intents[0]) for ex in labeled if ex.intents]
     head_rows = [ex for ex in labeled if ex.tier is not None or ex.escalate is not None]
     written = len(head_rows)  # the joined lines after these only train, never set thresholds
-    head_rows += two_task_examples(
-        [ex for ex in head_rows if ex.tier is not None and ex.escalate is not None], combos, seed
-    )
+    complete = [ex for ex in head_rows if ex.tier is not None and ex.escalate is not None]
+    joined = two_task_examples(complete, combos, seed)
+    joined += pleasantry_examples(complete, combos // 4, seed)
+    head_rows += joined
     if not intent_rows:
         raise CorpusError("no training examples for the router's intents")
 
-    intent_feats = [featurize(t) for t, _ in intent_rows]
-    head_feats = [featurize(ex.text) for ex in head_rows]
+    cache: dict[str, list[str]] = {}
+
+    def feats_of(text: str) -> list[str]:
+        got = cache.get(text)
+        if got is None:
+            got = cache[text] = featurize(text)
+        return got
+
+    intent_feats = [feats_of(t) for t, _ in intent_rows]
+    head_feats = [feats_of(ex.text) for ex in head_rows]
     vocabulary = sorted({f for fs in (*intent_feats, *head_feats) for f in fs})
     index = {f: i for i, f in enumerate(vocabulary)}
     used = sorted({lb for _, lb in intent_rows})
@@ -227,7 +279,7 @@ def train(
         rows = [
             i
             for i, ex in enumerate(head_rows)
-            if (ex.escalate if pick == "escalate" else ex.tier) is not None
+            if (ex.escalate is not None if pick == "escalate" else _tier_by_model(ex))
         ]
         target = np.array(
             [bool(head_rows[i].escalate) for i in rows]
@@ -255,8 +307,22 @@ def train(
             at = _accuracy_threshold(held_p[real], target[real])
         heads.append((model.coef_[0], float(model.intercept_[0]), at))
 
-    weights = np.column_stack([coef, heads[0][0], heads[1][0]]).astype(np.float32)
-    bias_all = np.concatenate([bias, [heads[0][1], heads[1][1]]]).astype(np.float32)
+    mention_rows: list[tuple[str, tuple[str, ...]]] = [(t, (lb,)) for t, lb in config_rows]
+    mention_rows += [(ex.text, ex.intents) for ex in labeled if ex.intents]
+    real_mentions = len(mention_rows)
+    mention_rows += [(ex.text, ex.intents) for ex in joined]
+    m_coef, m_bias, mentions_at = _mentions(
+        [feats_of(t) for t, _ in mention_rows],
+        [lbs for _, lbs in mention_rows],
+        real_mentions,
+        index,
+        used,
+        c,
+        seed,
+    )
+
+    weights = np.column_stack([coef, heads[0][0], heads[1][0], m_coef]).astype(np.float32)
+    bias_all = np.concatenate([bias, [heads[0][1], heads[1][1]], m_bias]).astype(np.float32)
     meta = {
         "format": FORMAT,
         "temperature": temperature,
@@ -265,5 +331,44 @@ def train(
         "examples": len(intent_rows),
         "labeled": len(head_rows),
         "c": c,
+        "mentions_at": mentions_at,
     }
     return RoutingModel(tuple(used), vocabulary, weights, bias_all, meta)
+
+
+def _mentions(
+    feats: Sequence[list[str]],
+    sets: Sequence[tuple[str, ...]],
+    real: int,
+    index: dict[str, int],
+    labels: Sequence[str],
+    c: float,
+    seed: int,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], dict[str, float]]:
+    """One-vs-rest heads "the message also asks about this intent": each learns from the
+    lines whose primary intent is another one, so it is asked about second intents, and
+    takes the threshold of best F1 on out-of-fold probabilities of the written lines
+    (`real` first rows; the joined ones after them only train)."""
+    x_all = _matrix(feats, index)
+    coef = np.zeros((len(index), len(labels)))
+    bias = np.full(len(labels), -20.0)
+    at: dict[str, float] = {}
+    for j, lb in enumerate(labels):
+        rows = np.array([i for i, s in enumerate(sets) if s[0] != lb], dtype=np.int64)
+        x = x_all[rows]
+        y = np.array([lb in sets[i] for i in rows])
+        n_real = int((rows < real).sum())
+        if y.sum() < _FOLDS or (~y).sum() < _FOLDS:
+            at[lb] = 1.0  # too few lines to learn from: never fires
+            continue
+        # Balanced: a second intent is rare for each intent, and unweighted probabilities
+        # would all sit near 0.
+        model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced").fit(x, y)
+        coef[:, j], bias[j] = model.coef_[0], float(model.intercept_[0])
+        held = np.zeros(len(y))
+        folds = StratifiedKFold(_MENTION_FOLDS, shuffle=True, random_state=seed)
+        for tr, te in folds.split(x, y):
+            m = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
+            held[te] = m.fit(x[tr], y[tr]).predict_proba(x[te])[:, 1]
+        at[lb] = _fbeta_threshold(held[:n_real], y[:n_real], 1.0)
+    return coef, bias, at
