@@ -57,6 +57,15 @@ class Budgets:
                 worst = BudgetState.DEGRADE
         return worst
 
+    def used_share(self, conversation_spent: float, *, anonymous: bool = False) -> float:
+        """How much of its closest-to-spent budget a conversation has used (0: no limit)."""
+        self._roll()
+        s = self.settings
+        limits = [(conversation_spent, s.per_conversation), (self.spent_today, s.per_day)]
+        if anonymous:
+            limits.append((self.anonymous_today, s.anonymous_per_day))
+        return max((spent / limit for spent, limit in limits if limit is not None), default=0.0)
+
     def start(self) -> None:
         """Nothing to start in-process (see SharedBudgets)."""
 

@@ -142,9 +142,17 @@ class ReplySettings(ConfigSection):
     conflicting_specialists: list[list[str]] = Field(
         default_factory=lambda: [["discount", "refund"]],
         description="groups of specialists whose answers may contradict each other (prices: "
-        "a discount vs a refund); when two of a group answer one message, a model writes "
-        "one reply from their findings. Any other answers are joined as they are, in the "
-        "order of the message's parts",
+        "a discount vs a refund); when two of a group answer one message, the one of "
+        "highest priority answers first and, only where both state money figures, a model "
+        "writes the other's part to agree with it. Any other answers are joined as they are, "
+        "as they finish",
+    )
+    speculate: bool = Field(
+        True,
+        description="while the paid classification of a message the local router is unsure "
+        "of runs, start the specialists of the router's own guess, their text held; kept "
+        "where the classification agrees, cancelled (and recorded as `speculative` calls) "
+        "where it does not",
     )
 
 
@@ -186,6 +194,13 @@ class BudgetSettings(ConfigSection):
     )
     degrade_at: float = Field(
         0.8, gt=0, le=1, description="share of a budget after which only the cheap tier is used"
+    )
+    speculate_below: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of a budget after which no specialist starts on a routing guess "
+        "(reply.speculate): a wrong guess is paid for twice",
     )
     exhausted_text: str = (
         "Thanks for your patience! A colleague will take over this conversation shortly."

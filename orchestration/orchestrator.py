@@ -2,12 +2,14 @@
 of reply events (DESIGN.md, Data flow step 5, Orchestration).
 
 A turn: route the message (rules and FAQ first, a local classifier next, a paid classification
-only when unclear); check the budgets; run the specialists of the message's intents in
-parallel under one deadline; stream a single specialist's answer directly; join the answers of
-several in the order of the message's parts, the first streaming as it is written, and ask a
-model to compose one answer only where specialists may contradict each other; escalate when
-asked to. It never raises to the caller: a failure becomes a fallback model, a degraded text,
-then an escalation — and a turn ending in a handoff says so with the handoff text.
+only when unclear, while the local guess's specialists already answer, held:
+orchestration/speculation.py); check the budgets; run the specialists of the message's
+intents in parallel under one deadline; stream a single specialist's answer directly; join
+the answers of several as they finish, whichever writes first streaming at once
+(orchestration/parts.py), with a model writing a part only where specialists really
+contradict each other on money; escalate when asked to. It never raises to the caller: a
+failure becomes a fallback model, a degraded text, then an escalation — and a turn ending in
+a handoff says so with the handoff text.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
 from knowledge.base import KnowledgeSearch, Passage
+from orchestration.answer_text import AnswerText
 from orchestration.budgets import Budgets, BudgetState
 from orchestration.config import BudgetSettings, ReplySettings, SpecialistSettings
 from orchestration.events import (
@@ -31,12 +34,12 @@ from orchestration.events import (
     Escalate,
     Final,
     ReplyEvent,
-    Retract,
     Turn,
     Visibility,
 )
 from orchestration.language import pick
 from orchestration.llm.types import ChatMessage
+from orchestration.parts import PartsJoin, run_deadlines
 from orchestration.routing import LlmClassify, Router, RoutingDecision
 from orchestration.runner import CallSpec, ModelRunner
 from orchestration.shop_knowledge import (
@@ -46,16 +49,17 @@ from orchestration.shop_knowledge import (
     question_parts,
 )
 from orchestration.specialists import Specialist, SpecialistResult, TurnInput
+from orchestration.speculation import HeldRun, Speculation
 from orchestration.tools import ToolRunner
 
 log = structlog.get_logger(__name__)
 
 AGGREGATE_PROMPT = (
-    "You are the shop's customer-service assistant. Colleagues looked into the shopper's "
-    "message; their findings follow, most authoritative first. Write ONE short reply in the "
-    "shopper's language that answers every part of the message using only these findings. "
-    "Where findings disagree, follow the earlier one; on prices and discounts the pricing "
-    "specialist is always right."
+    "You are the shop's customer-service assistant. The shopper has already been sent the "
+    "start of the reply; colleagues' further findings follow it. Write only the rest of the "
+    "reply, short and in the shopper's language: what the findings add, made to agree with "
+    "what was already sent (on prices and discounts, what was sent is right). Do not "
+    "repeat anything already sent and do not greet."
 )
 
 _Emit = Callable[[ReplyEvent], None]
@@ -153,10 +157,6 @@ class Orchestrator:
         hours = self.settings.business_hours
         return hours is None or hours.open_at(datetime.now(UTC))
 
-    def _conflict(self, chosen: Sequence[Specialist]) -> bool:
-        names = {sp.name for sp in chosen}
-        return any(len(names & set(group)) > 1 for group in self.settings.conflicting_specialists)
-
     def _fallback(self, question: str) -> str:
         return pick(question, self.settings.fallback_text, self.settings.fallback_text_zh)
 
@@ -182,9 +182,43 @@ class Orchestrator:
             return
 
         llm = self.classifier if budget is BudgetState.OK else None
-        decision, records = await self.router.route(message.text, sticky_tier=conv.tier, llm=llm)
-        for r in records:
-            emit(r)
+        guessed: list[Speculation] = []
+
+        def unsure(local: RoutingDecision) -> None:
+            # The paid classification is about to be asked: the guess's specialists start.
+            spec = self._speculate(conv, history, message, local, deadline)
+            if spec is not None:
+                guessed.append(spec)
+
+        on_unsure = unsure if llm is not None and self._may_speculate(conv) else None
+        try:
+            decision, records = await self.router.route(
+                message.text, sticky_tier=conv.tier, llm=llm, on_unsure=on_unsure
+            )
+            for r in records:
+                emit(r)
+            spec = guessed[0] if guessed else None
+            await self._answer(
+                conv, history, message, emit, visibility, decision, budget, deadline, spec
+            )
+        finally:
+            # (a turn stopped early, e.g. a person took over, stops the guess's calls too)
+            for spec in guessed:
+                await spec.close(emit)
+
+    async def _answer(
+        self,
+        conv: ConversationInfo,
+        history: Sequence[Turn],
+        message: Turn,
+        emit: _Emit,
+        visibility: Visibility | None,
+        decision: RoutingDecision,
+        budget: BudgetState,
+        deadline: float,
+        spec: Speculation | None,
+    ) -> None:
+        """The routed turn: a handoff, the FAQ's answer, or the specialists' answer."""
         tier = "cheap" if budget is BudgetState.DEGRADE else decision.tier
         routing: dict[str, Any] = {**decision.as_json(), "tier": tier, "budget": budget.value}
 
@@ -201,7 +235,9 @@ class Orchestrator:
         if not conv.drafting and asks_for_person:
             # A person is asked for: the shopper is told so, in their language, with no
             # model answer standing in for the person. (Upset shoppers who did not ask get
-            # their answer, then the same text: see below.)
+            # their answer, then the same text: see below.) Nothing a guess wrote shows.
+            if spec is not None:
+                routing["speculated"] = await self._settle_guess(spec, {}, emit)
             text = self.handoff_text(message.text)
             emit(Delta(text))
             emit(Final(text=text, tier=None, routing={**routing, "handoff": True}))
@@ -211,7 +247,12 @@ class Orchestrator:
                 )
             )
             return
-        knowledge = await self._knowledge(conv, chosen, message.text)
+        if spec is not None:
+            await spec.ready()
+        if spec is not None and spec.searched == self._knowledge_key(chosen):
+            knowledge = spec.knowledge  # (the same search: its passage numbers stay valid)
+        else:
+            knowledge = await self._knowledge(conv, chosen, message.text)
         turn = TurnInput(
             message.text,
             history,
@@ -222,14 +263,23 @@ class Orchestrator:
         )
         routing["specialists"] = [s.name for s in chosen]
 
-        out = _Answer(emit, visibility)
+        held: dict[Specialist, HeldRun] = {}
+        if spec is not None:
+            deadlines = self._deadlines(chosen, deadline)
+            for sp in chosen:
+                if (run := spec.take(sp, turn, tier, deadlines[sp])) is not None:
+                    held[sp] = run
+            routing["speculated"] = await self._settle_guess(spec, held, emit)
+
+        out = AnswerText(emit, visibility)
         if len(chosen) == 1:
-            results = [await self._single(chosen[0], turn, tier, deadline, out, fill=False)]
-        elif self._conflict(chosen):
-            results = await self._fan_out(chosen, turn, tier, deadline, emit)
-            await self._aggregate(results, turn, tier, deadline, out)
+            results = [
+                await self._single(
+                    chosen[0], turn, tier, deadline, out, fill=False, held=held.get(chosen[0])
+                )
+            ]
         else:
-            results = await self._joined(chosen, turn, tier, deadline, out)
+            results = await self._joined(chosen, turn, tier, deadline, out, held)
 
         if knowledge is not None:
             routing["knowledge"] = _cite(knowledge, out, message.text)
@@ -319,6 +369,71 @@ class Orchestrator:
             found,
         )
 
+    def _knowledge_key(self, chosen: Sequence[Specialist]) -> tuple[bool, bool]:
+        """What `_knowledge` searches for these specialists: whether any reads the shop's
+        documents, and whether the message's parts are searched one by one too."""
+        reads = self.knowledge is not None and any(
+            SEARCH_KNOWLEDGE in sp.settings.tools for sp in chosen
+        )
+        return reads, reads and len(chosen) > 1
+
+    def _deadlines(self, chosen: Sequence[Specialist], deadline: float) -> dict[Specialist, float]:
+        s = self.settings
+        return run_deadlines(
+            chosen, s.conflicting_specialists, deadline, s.aggregation_reserve_seconds
+        )
+
+    # -- starting on the router's guess (orchestration/speculation.py) -------------------------
+
+    def _may_speculate(self, conv: ConversationInfo) -> bool:
+        if not self.settings.speculate:
+            return False
+        # Near the end of a budget a wrong guess, paid for twice, is not worth the time.
+        used = self.budgets.used_share(conv.spent, anonymous=conv.shop_user_id is None)
+        return used < self.budget_settings.speculate_below
+
+    def _speculate(
+        self,
+        conv: ConversationInfo,
+        history: Sequence[Turn],
+        message: Turn,
+        guess: RoutingDecision,
+        deadline: float,
+    ) -> Speculation | None:
+        """Start the guess's specialists, held, while the classification runs; None where
+        the guess is a handoff (no specialist would answer)."""
+        chosen = self._select(guess, drafting=conv.drafting)
+        if guess.faq_answer or (
+            not conv.drafting
+            and ("human" in guess.intents or any(sp.settings.escalates for sp in chosen))
+        ):
+            return None
+        spec = Speculation(guess, chosen)
+
+        async def start() -> None:
+            knowledge = await self._knowledge(conv, chosen, message.text)
+            spec.knowledge, spec.searched = knowledge, self._knowledge_key(chosen)
+            turn = TurnInput(
+                message.text, history, guess.intents, conv.shop_user_id, knowledge=knowledge
+            )
+            deadlines = self._deadlines(chosen, deadline)
+            for sp in chosen:
+                spec.runs[sp] = HeldRun(sp, turn, guess.tier, deadlines[sp])
+
+        spec.starting = asyncio.create_task(start())
+        return spec
+
+    @staticmethod
+    async def _settle_guess(
+        spec: Speculation, kept: dict[Specialist, HeldRun], emit: _Emit
+    ) -> dict[str, Any]:
+        """Drop the guess's runs the turn does not keep; what happened, for the routing
+        record."""
+        dropped = await spec.drop_rest(emit)
+        if dropped:
+            log.info("speculation_dropped", guess=spec.names, dropped=dropped)
+        return {"guess": spec.names, "kept": [sp.name for sp in kept], "dropped": dropped}
+
     def _select(self, decision: RoutingDecision, drafting: bool = False) -> list[Specialist]:
         chosen: list[Specialist] = []
         for intent in decision.intents:
@@ -335,13 +450,19 @@ class Orchestrator:
         turn: TurnInput,
         tier: str,
         deadline: float,
-        out: _Answer,
+        out: AnswerText,
         *,
         fill: bool = True,
+        held: HeldRun | None = None,
     ) -> SpecialistResult:
-        """One specialist: its answer streams straight to the shopper. Where it fails before
-        any text, its degraded text stands in (with `fill`; else the caller decides)."""
-        res = await sp.run(turn, tier, deadline, out.record, on_delta=out.add, seen=out.seen)
+        """One specialist: its answer streams straight to the shopper (`held`: its run on the
+        routing guess, kept, goes on). Where it fails before any text, its degraded text
+        stands in (with `fill`; else the caller decides)."""
+        if held is not None:
+            intent = turn.intents[0] if turn.intents else None
+            res = await held.attach(out.add, out.record, out.seen, intent)
+        else:
+            res = await sp.run(turn, tier, deadline, out.record, on_delta=out.add, seen=out.seen)
         if res.ok or not out.shown:
             if fill and not out.shown:
                 out.add(res.text)
@@ -355,109 +476,39 @@ class Orchestrator:
         turn: TurnInput,
         tier: str,
         deadline: float,
-        out: _Answer,
+        out: AnswerText,
+        held: dict[Specialist, HeldRun],
     ) -> list[SpecialistResult]:
-        """Specialists that answer different parts of the message, in parallel, joined
-        without a model (nothing to reconcile): the first of them to write streams at once,
-        the others follow in the message's order; the answer is whole when the slowest is."""
-        started = time.monotonic()
-        live: Specialist | None = None  # the one whose text streams
-        held: dict[Specialist, str] = {sp: "" for sp in chosen}
+        """Specialists answering the parts of one message, in parallel: the first to write
+        streams at once, the others follow whole as they finish (orchestration/parts.py)."""
 
-        def on_delta(sp: Specialist) -> Callable[[str], None]:
-            def take(delta: str) -> None:
-                nonlocal live
-                if live is None:
-                    live = sp
-                if live is sp:
-                    out.add(delta)
-                else:
-                    held[sp] += delta
+        async def compose(found: Sequence[SpecialistResult], sent: str) -> str | None:
+            return await self._compose(found, sent, turn, tier, deadline, out)
 
-            return take
+        join = PartsJoin(chosen, self.settings.conflicting_specialists, out, compose)
+        # Where a model may have to reconcile money, its specialists leave it time.
+        return await join.run(turn, tier, deadline, self._deadlines(chosen, deadline), held)
 
-        def seen(sp: Specialist) -> Callable[[str], bool]:
-            def ask(text: str) -> bool:
-                if live is sp:
-                    return out.seen(text)
-                held[sp] = ""  # nobody saw it: the attempt is dropped
-                return False
-
-            return ask
-
-        tasks = {
-            sp: asyncio.create_task(
-                sp.run(turn, tier, deadline, out.record, on_delta=on_delta(sp), seen=seen(sp))
-            )
-            for sp in chosen
-        }
-        try:
-            await asyncio.wait(tasks.values(), timeout=max(deadline - time.monotonic(), 0))
-        finally:
-            for task in tasks.values():
-                task.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
-        results: dict[Specialist, SpecialistResult] = {}
-        for sp, task in tasks.items():
-            done = task.done() and not task.cancelled() and task.exception() is None
-            results[sp] = task.result() if done else sp.degraded(turn, time.monotonic() - started)
-        written: list[str] = []
-        if live is not None and out.shown:
-            written.append(out.text)
-            if not results[live].ok:
-                out.broken = True  # cut mid-answer and nothing could continue it
-        for sp in chosen:
-            text = results[sp].text
-            if (sp is live and out.shown) or any(_same(text, w) for w in written):
-                continue  # (agreeing specialists: said once)
-            written.append(text)
-            out.add(text, separate=True)
-        return [results[sp] for sp in chosen]
-
-    async def _fan_out(
+    async def _compose(
         self,
-        chosen: Sequence[Specialist],
+        found: Sequence[SpecialistResult],
+        sent: str,
         turn: TurnInput,
         tier: str,
         deadline: float,
-        emit: _Emit,
-    ) -> list[SpecialistResult]:
-        """Specialists in parallel; whoever hasn't finished when it is time to compose the
-        answer is replaced by its degraded text."""
-        compose_by = deadline - self.settings.aggregation_reserve_seconds
-        started = time.monotonic()
-        tasks = {sp: asyncio.create_task(sp.run(turn, tier, compose_by, emit)) for sp in chosen}
-        await asyncio.wait(tasks.values(), timeout=max(compose_by - time.monotonic(), 0))
-        results: list[SpecialistResult] = []
-        for sp, task in tasks.items():
-            if task.done() and not task.cancelled() and task.exception() is None:
-                results.append(task.result())
-            else:
-                task.cancel()
-                results.append(sp.degraded(turn, time.monotonic() - started))
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
-        return results
-
-    async def _aggregate(
-        self,
-        results: Sequence[SpecialistResult],
-        turn: TurnInput,
-        tier: str,
-        deadline: float,
-        out: _Answer,
-    ) -> None:
-        """One answer from findings that may contradict each other, written by a model."""
-        ordered = sorted(results, key=lambda r: -r.priority)
-        plain = "\n\n".join(_distinct(r.text for r in ordered))
-        if not any(r.ok for r in ordered):
-            out.add(plain)
-            return
-        findings = "\n\n".join(
-            f"[{r.name}{'' if r.ok else ', unavailable'}]\n{r.text}" for r in ordered
-        )
+        out: AnswerText,
+    ) -> str | None:
+        """The part of specialists whose money figures may contradict what was already sent,
+        written by a model to agree with it; None when no model could write it. Nothing of
+        it is shown before it is whole, so a failed attempt is simply dropped."""
+        findings = "\n\n".join(f"[{r.name}]\n{r.text}" for r in found)
         messages = [
             ChatMessage("system", AGGREGATE_PROMPT),
-            ChatMessage("user", f"Shopper's message:\n{turn.question}\n\nFindings:\n{findings}"),
+            ChatMessage(
+                "user",
+                f"Shopper's message:\n{turn.question}\n\nAlready sent:\n{sent}\n\n"
+                f"Findings:\n{findings}",
+            ),
         ]
         spec = CallSpec(
             messages,
@@ -471,17 +522,10 @@ class Orchestrator:
             deadline,
             out.record,
             attempt_timeout=self.settings.aggregation_attempt_seconds,
-            seen=out.seen,
         )
-        async for delta in call.deltas():
-            out.add(delta)
-        if call.result.failed:
-            # No model could compose: the findings themselves, most authoritative first.
-            if out.shown and not out.withdraw():
-                out.broken = True
-                return
-            out.text = ""
-            out.add(plain)
+        async for _ in call.deltas():
+            pass  # (the text of the attempt that succeeded is the result's)
+        return None if call.result.failed or not call.result.text.strip() else call.result.text
 
     def _escalation(self, reason: str, decision: RoutingDecision, text: str) -> Escalate:
         orders = sorted(set(_ORDER_ID.findall(text)))
@@ -523,44 +567,7 @@ def handoff_summary(
     return " ".join(parts)
 
 
-class _Answer:
-    """The text of one answer as it goes out: every delta emitted once, and withdrawn only
-    while the shopper has seen none of it (`Visibility`)."""
-
-    def __init__(self, emit: _Emit, visibility: Visibility | None) -> None:
-        self.record = emit
-        self.visibility = visibility
-        self.text = ""
-        self.broken = False  # a cut answer nobody could finish
-
-    @property
-    def shown(self) -> bool:
-        return bool(self.text)
-
-    def add(self, delta: str, *, separate: bool = False) -> None:
-        if separate and self.text:
-            delta = "\n\n" + delta
-        if delta:
-            self.text += delta
-            self.record(Delta(delta))
-
-    def withdraw(self) -> bool:
-        """Take back everything sent so far; False if the shopper may have seen it."""
-        if not self.text:
-            return True
-        if self.visibility is None or not self.visibility.withdraw():
-            return False
-        self.text = ""
-        self.record(Retract())
-        return True
-
-    def seen(self, _attempt_text: str) -> bool:
-        """For ModelRunner.call: a failed attempt's text stays (and is continued) only if
-        the shopper may have seen it."""
-        return not self.withdraw()
-
-
-def _cite(knowledge: TurnKnowledge, out: _Answer, question: str) -> dict[str, Any]:
+def _cite(knowledge: TurnKnowledge, out: AnswerText, question: str) -> dict[str, Any]:
     """Append the source line when the answer cites passages it was given (a delta of its
     own, so every channel shows it); what was found and cited, for the routing record."""
     line = knowledge.source_line(out.text, question) if out.shown else None
@@ -572,16 +579,3 @@ def _cite(knowledge: TurnKnowledge, out: _Answer, question: str) -> dict[str, An
         "found": [p.chunk_id for p in knowledge.found],
         "cited": [{"n": n, "chunk_id": p.chunk_id, "source": p.source} for n, p in cited],
     }
-
-
-def _same(a: str, b: str) -> bool:
-    a, b = " ".join(a.split()), " ".join(b.split())
-    return a == b or (bool(a) and a in b)
-
-
-def _distinct(texts: Iterable[str]) -> list[str]:
-    kept: list[str] = []
-    for t in texts:
-        if not any(_same(t, k) for k in kept):
-            kept.append(t)
-    return kept

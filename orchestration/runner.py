@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 # Put in an attempt's queue when the deadline its consumer waits for has passed.
 _EXPIRED = object()
 
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
 
@@ -82,6 +83,7 @@ class _Attempt:
         self.queue: asyncio.Queue[str | BaseException | object | None] = asyncio.Queue()
         self.task = asyncio.create_task(self._produce())
         self.started = time.monotonic()
+        self.recorded = False  # whether its ledger record was made
         # One timer per deadline, not one per delta: it drops _EXPIRED into the queue.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline = 0.0
@@ -260,6 +262,7 @@ class ChainCall:
         self._tokens = estimate_messages_tokens(spec.messages) + spec.max_tokens
 
     def _record(self, attempt: _Attempt, outcome: str, error: str | None = None) -> None:
+        attempt.recorded = True
         rec = attempt.record(outcome, error)
         self.result.records.append(rec)
         if self._on_record is not None:
@@ -340,6 +343,20 @@ class ChainCall:
         attempt = _Attempt(
             entry, self.tier, self.spec, self._messages(sent, entry), self.runner.flush_seconds
         )
+        try:
+            return await self._first_item(attempt, index, sent)
+        except asyncio.CancelledError:
+            # Stopped while waiting for its first item (a tool round yields none until its
+            # end): the call is closed and billed, not left streaming in the background.
+            if not attempt.recorded:
+                await attempt.cancel()
+                self._stopped(attempt, "cancelled")
+            raise
+
+    async def _first_item(
+        self, attempt: _Attempt, index: int, sent: str
+    ) -> tuple[_Attempt, str | None, int]:
+        entry = attempt.entry
         hedge_after = self.runner.settings.hedge_after_seconds
         backup_index = self._next_available(index + 1)
         if backup_index is None and self._next_available(index) == index:

@@ -123,6 +123,14 @@ class Specialist:
         msgs.append(ChatMessage("user", turn.question))
         return trim_history(msgs, self.history_budget)
 
+    def opening(
+        self, turn: TurnInput, tier: str
+    ) -> tuple[str, list[ChatMessage], list[dict[str, Any]]]:
+        """The tier, prompt and tools of its first request: two runs that open alike are
+        interchangeable (a run started on a routing guess stands for the real one)."""
+        tier = turn.force_tier or self.settings.tier or tier
+        return tier, self._prompt(turn), self._tool_definitions(turn)
+
     async def run(
         self,
         turn: TurnInput,

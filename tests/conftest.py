@@ -160,3 +160,13 @@ async def redis_prefix() -> AsyncIterator[str]:
     prefix = fresh_prefix()
     yield prefix
     await delete_prefix(REDIS_URL, prefix)
+
+
+@pytest.fixture
+async def unhedged_service(
+    sqlite_url: str, settings_factory: Callable[..., Settings]
+) -> AsyncIterator[RunningService]:
+    """A service on SQLite whose model calls are never hedged (tests that count calls)."""
+    s = await start_service(settings_factory(sqlite_url, resilience={"hedge_after_seconds": None}))
+    yield s
+    await s.stop()

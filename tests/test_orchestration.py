@@ -4,7 +4,7 @@ with tools, deadlines, fallback, hedging, breakers, budgets, the cost ledger."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,19 +90,16 @@ async def inbound(svc: RunningService, message_id: int) -> Message:
 
 
 @pytest.fixture
-async def svc(
-    sqlite_url: str, settings_factory: Callable[..., Settings]
-) -> AsyncIterator[RunningService]:
-    s = await start_service(settings_factory(sqlite_url, resilience={"hedge_after_seconds": None}))
-    yield s
-    await s.stop()
+def svc(unhedged_service: RunningService) -> RunningService:
+    return unhedged_service
 
 
 async def test_where_is_my_order_is_answered_from_the_shop_backend(svc: RunningService) -> None:
     _, mid, shown, final = await asyncio.wait_for(ask(svc, "where is my order ORD-1001?"), 30)
     assert shown == final["text"]
     calls = await calls_for(svc, mid)
-    replies = [c for c in calls if c.purpose != "classify"]
+    # (Not the routing's classification, nor a guess started beside it and dropped.)
+    replies = [c for c in calls if c.purpose not in ("classify", "speculative")]
     # Either order specialist may take it; both look the order up before answering.
     assert len({c.specialist for c in replies}) == 1
     assert replies[0].specialist in ("logistics", "order_status")
