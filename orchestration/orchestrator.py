@@ -401,12 +401,17 @@ class Orchestrator:
         deadline: float,
     ) -> Speculation | None:
         """Start the guess's specialists, held, while the classification runs; None where
-        the guess is a handoff (no specialist would answer)."""
-        chosen = self._select(guess, drafting=conv.drafting)
+        the guess is a handoff (no specialist would answer). A specialist whose tools can
+        change something in the shop (file a refund) waits for the classification: a held
+        run is not shown, but its tool calls would take effect."""
+        selected = self._select(guess, drafting=conv.drafting)
         if guess.faq_answer or (
             not conv.drafting
-            and ("human" in guess.intents or any(sp.settings.escalates for sp in chosen))
+            and ("human" in guess.intents or any(sp.settings.escalates for sp in selected))
         ):
+            return None
+        chosen = [sp for sp in selected if self.tools.read_only(sp.settings.tools)]
+        if not chosen:
             return None
         spec = Speculation(guess, chosen)
 

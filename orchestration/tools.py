@@ -50,6 +50,11 @@ class ToolRunner:
         self.base_url = base_url
         self._http: httpx.AsyncClient | None = None
 
+    def read_only(self, names: Sequence[str]) -> bool:
+        """Whether calling these tools changes nothing in the shop (GET only; the built-in
+        knowledge search is not a shop tool)."""
+        return all(t.method == "GET" for n in names if (t := self.tools.get(n)) is not None)
+
     def definitions(self, names: Sequence[str]) -> list[dict[str, Any]]:
         """The OpenAI `tools` array for a specialist. Tools that need a verified shopper are
         offered to anonymous ones too: the call is answered with "sign in first" (and never

@@ -38,7 +38,7 @@ from simulator.fakes.wechat_api import FakeWechatApi, OfficialAccountClient, tex
 from simulator.server import Simulator
 from tests.conftest import PG_ADMIN_DSN, create_pg_database, drop_pg_database, simulator_models
 from tests.support import API_KEY, SseEvent, eventually, sse_events
-from tests.widget_support import WidgetSocket
+from tests.widget_support import WidgetSocket, socket_at
 
 TG_TOKEN = "123456:CLUSTER-token_abc"
 TG_BOT_ID = 123456
@@ -403,21 +403,8 @@ class Cluster:
 
     @contextlib.asynccontextmanager
     async def widget(self, proc: ServiceProcess) -> AsyncIterator[WidgetSocket]:
-        session = aiohttp.ClientSession()
-        try:
-            ws = await session.ws_connect(
-                f"{proc.url}/widget/v1/ws?site=shop",
-                headers={"Origin": SITE_ORIGIN},
-                max_msg_size=0,
-            )
-        except BaseException:
-            await session.close()
-            raise
-        sock = WidgetSocket(ws, session)
-        try:
+        async with socket_at(proc.url, origin=SITE_ORIGIN) as sock:
             yield sock
-        finally:
-            await sock.close()
 
     # -- what was stored ----------------------------------------------------------------------
 

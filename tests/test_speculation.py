@@ -26,7 +26,7 @@ from tests.demo_tools import DEMO_SHOPPER
 from tests.support import RunningService, eventually, sse_events, start_service
 from tests.test_agents_console import Console, _agent
 from tests.test_answer_integrity import sentences
-from tests.test_orchestration import ask
+from tests.test_orchestration import ask, inbound
 
 TWO_PARTS = "Where is my parcel ORD-1002? Also is coupon DOUBLE11 still valid?"
 ONE_PART = "Where is my parcel ORD-1002?"
@@ -326,3 +326,20 @@ async def test_a_person_taking_over_stops_the_guess_too(
         assert turn.deltas == []
     finally:
         await mia.close()
+
+
+async def test_a_guess_that_could_file_a_refund_waits_for_the_classification(
+    svc: RunningService, judge: GatedJudge, simulator: Simulator
+) -> None:
+    """A held run is not shown, but its tool calls would take effect: the refund specialist
+    (request_refund posts to the shop) is not started on a guess."""
+    question = "I want a refund for ORD-1002, it arrived broken"
+    assert guess_of(svc, question) == ("refund",)
+    async with asking(svc, judge, question, simulator, verdict("refund")) as turn:
+        await eventually(lambda: _asked(judge, question))
+    calls = await turn.calls()
+    assert ("refund", "reply", "ok") in calls
+    assert not any(c[1] == "speculative" for c in calls)
+    routing = (await inbound(svc, turn.message_id)).routing
+    assert routing is not None and "speculated" not in routing, routing
+    assert "".join(turn.deltas) == turn.final["text"]

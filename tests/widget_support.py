@@ -125,15 +125,22 @@ class WidgetSocket:
         await self.session.close()
 
 
-@contextlib.asynccontextmanager
-async def socket(
+def socket(
     svc: RunningService, site: str = "shop", origin: str | None = SHOP_ORIGIN
+) -> contextlib.AbstractAsyncContextManager[WidgetSocket]:
+    return socket_at(svc.base_url, site, origin)
+
+
+@contextlib.asynccontextmanager
+async def socket_at(
+    base_url: str, site: str = "shop", origin: str | None = SHOP_ORIGIN
 ) -> AsyncIterator[WidgetSocket]:
+    """A widget socket on the service at `base_url` (also another process's)."""
     session = aiohttp.ClientSession()
     headers = {"Origin": origin} if origin else {}
     try:
         ws = await session.ws_connect(
-            f"{svc.base_url}/widget/v1/ws?site={site}", headers=headers, max_msg_size=0
+            f"{base_url}/widget/v1/ws?site={site}", headers=headers, max_msg_size=0
         )
     except BaseException:
         await session.close()
